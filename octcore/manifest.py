@@ -1,0 +1,175 @@
+"""The model_store contract: `<store>/<name>/<version>/{model.pt, manifest.json}`.
+
+This is the only place that knows the manifest's shape and how a scorer is loaded, so training (which writes it)
+and the service (which reads it) cannot drift apart. The scorer is TorchScript today; `load_scorer` is the one
+function to extend when another format (e.g. torch.export / ONNX) joins.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from octcore.preprocess import Preprocessing
+
+MANIFEST_FILE = "manifest.json"
+MODEL_FILE = "model.pt"
+FORMAT_VERSION = 1
+
+
+class ModelStoreError(Exception):
+    """The store, manifest or weights are missing, corrupt or do not match. `str()` is a one-line reason."""
+
+
+class InputSpec(BaseModel):
+    size: int = Field(gt=0)
+    channels: int = 1
+    dtype: str = "float32"
+    layout: str = "NCHW"
+
+
+class ScoreSpec(BaseModel):
+    description: str
+    # The scorer output holding this score's spatial evidence (None for combined scores).
+    map: str | None = None
+    higher_is_anomalous: bool = True
+
+
+class Calibration(BaseModel):
+    """Distribution of one score on NORMAL validation images; the decision threshold sits at a percentile of it."""
+
+    n: int
+    mean: float
+    std: float
+    percentiles: list[float] = Field(description="Score at percentiles 0, 1, …, 100 of the normal images")
+    threshold_percentile: float
+    threshold: float
+    # Heatmap PNG value v in 0..255 stands for map value v / 255 * map_scale (map_scale: a high normal percentile).
+    map_scale: float | None = None
+
+    def percentile_of(self, score: float) -> float:
+        """Where `score` falls among the normal images, 0–100 (linear between the stored percentiles)."""
+        p = self.percentiles
+        if score <= p[0]:
+            return 0.0
+        if score >= p[-1]:
+            return 100.0
+        i = bisect.bisect_right(p, score)
+        lo, hi = p[i - 1], p[i]
+        frac = 0.0 if hi <= lo else (score - lo) / (hi - lo)
+        return float(min(100.0, (i - 1) + frac))
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    format: Literal["torchscript"] = "torchscript"
+    format_version: int = FORMAT_VERSION
+    name: str
+    version: int
+    file: str = MODEL_FILE
+    sha256: str
+    torch_version: str
+    created: str
+    input: InputSpec
+    preprocessing: dict[str, Any]
+    maps: list[str]
+    scores: dict[str, ScoreSpec]
+    primary_score: str
+    calibration: dict[str, Calibration]
+    training: dict[str, Any] = Field(default_factory=dict)
+    evaluation: dict[str, Any] = Field(default_factory=dict)
+
+    def preprocessing_config(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.preprocessing)
+
+    def check_consistent(self) -> None:
+        if self.primary_score not in self.scores:
+            raise ModelStoreError(f"primary_score {self.primary_score!r} is not one of {sorted(self.scores)}")
+        missing = sorted(set(self.scores) - set(self.calibration))
+        if missing:
+            raise ModelStoreError(f"no calibration for scores {missing}")
+        if int(self.preprocessing.get("size", self.input.size)) != self.input.size:
+            raise ModelStoreError("preprocessing.size differs from input.size")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def list_versions(store: Path, name: str) -> list[int]:
+    d = Path(store) / name
+    if not d.is_dir():
+        return []
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / MANIFEST_FILE).is_file())
+
+
+def resolve_version_dir(store: Path, name: str, version: int | None = None) -> Path:
+    """`<store>/<name>/<version>`; the highest version holding a manifest when `version` is None."""
+    if version is None:
+        versions = list_versions(store, name)
+        if not versions:
+            raise ModelStoreError(f"no versions of model {name!r} under {store}")
+        version = versions[-1]
+    d = Path(store) / name / str(version)
+    if not (d / MANIFEST_FILE).is_file():
+        raise ModelStoreError(f"{d / MANIFEST_FILE} does not exist")
+    return d
+
+
+def read_manifest(version_dir: Path) -> Manifest:
+    path = Path(version_dir) / MANIFEST_FILE
+    try:
+        manifest = Manifest.model_validate_json(path.read_bytes())
+    except FileNotFoundError as e:
+        raise ModelStoreError(f"{path} does not exist") from e
+    except ValueError as e:
+        first = str(e).splitlines()
+        raise ModelStoreError(f"{path} is not a valid manifest: {' '.join(first[:3])}") from e
+    manifest.check_consistent()
+    return manifest
+
+
+def write_manifest(version_dir: Path, manifest: Manifest) -> Path:
+    path = Path(version_dir) / MANIFEST_FILE
+    path.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    return path
+
+
+def verify_weights(version_dir: Path, manifest: Manifest) -> Path:
+    weights = Path(version_dir) / manifest.file
+    if not weights.is_file():
+        raise ModelStoreError(f"{weights} does not exist")
+    digest = sha256_file(weights)
+    if digest != manifest.sha256:
+        raise ModelStoreError(f"sha256 of {weights} is {digest[:12]}…, manifest says {manifest.sha256[:12]}…")
+    return weights
+
+
+def load_scorer(version_dir: Path, device: str = "cpu") -> tuple[Manifest, Any]:
+    """Read and verify a model version, then load its scorer onto `device`. Raises ModelStoreError with a reason.
+
+    The scorer maps a preprocessed batch (B, 1, S, S) float32 to a dict of tensors: the maps named in
+    `manifest.maps` (each (B, 1, S, S)) and one (B,) tensor per score in `manifest.scores`.
+    """
+    import torch  # imported here so manifest handling stays usable without torch (e.g. static checks)
+
+    manifest = read_manifest(version_dir)
+    weights = verify_weights(version_dir, manifest)
+    if manifest.format != "torchscript":
+        raise ModelStoreError(f"unsupported scorer format {manifest.format!r}")
+    try:
+        module = torch.jit.load(str(weights), map_location=device)
+    except Exception as e:  # any failure to deserialise is a corrupt or incompatible artifact
+        raise ModelStoreError(f"cannot load {weights}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    module.eval()
+    return manifest, module

@@ -1,0 +1,65 @@
+"""Shared fixtures. `tiny_model` runs the real pipeline (phantom → train → export) once per test session through the
+same command-line entry points a user runs, so every downstream test exercises real artifacts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+# Tests run servers, clients and trainers side by side on 2 cores; several multi-threaded torch processes spinning on
+# the same cores run 10-20x slower than single-threaded ones. Subprocesses inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+KERMANY = ROOT / "tests" / "data" / "kermany"
+
+# Small enough to train in under a minute on one CPU core, big enough (128 px, 10 epochs) that lesions are resolved
+# and the phantom AUROC is above chance.
+TINY_TRAIN_ARGS = [
+    "--image_size", "128", "--epochs", "10", "--batch_size", "8", "--n_hiddens", "32", "--n_residual_hiddens", "16",
+    "--n_residual_layers", "2", "--embedding_dim", "16", "--n_embeddings", "32", "--learning_rate", "3e-3",
+    "--device", "cpu", "--num_workers", "0", "--seed", "0",
+]
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    data_root: Path
+    run_dir: Path
+    ckpt: Path
+    store: Path
+    name: str
+    version: int
+
+    @property
+    def version_dir(self) -> Path:
+        return self.store / self.name / str(self.version)
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> str:
+    """Run `python -m <args>`; fail the test with the command's output when it exits non-zero."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd or ROOT, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"python -m {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    base = tmp_path_factory.mktemp("tiny")
+    data = base / "data"
+    run_cli("training.phantom", str(data), "--train-normal", "96", "--test-per-class", "12", "--seed", "7")
+    runs = base / "runs"
+    run_cli("training.train", "--data_root", str(data), "--output_dir", str(runs), *TINY_TRAIN_ARGS)
+    run_dir = next(p for p in sorted(runs.iterdir()) if p.is_dir())
+    ckpt = next(run_dir.glob("best-*.ckpt"))
+    store = base / "store"
+    run_cli("training.export", "--model_dir", str(ckpt), "--model_store", str(store), "--name", "tiny", "--version", "1")
+    return TinyModel(data_root=data, run_dir=run_dir, ckpt=ckpt, store=store, name="tiny", version=1)

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from octcore.manifest import Calibration, ModelStoreError, list_versions, load_scorer, read_manifest, \
+    resolve_version_dir
+
+
+def cal(values: list[float]) -> Calibration:
+    return Calibration(n=101, mean=50, std=29, percentiles=values, threshold_percentile=95, threshold=values[95])
+
+
+def test_percentile_of_interpolates_and_clamps() -> None:
+    c = cal([float(i) for i in range(101)])
+    assert c.percentile_of(-5) == 0.0
+    assert c.percentile_of(1000) == 100.0
+    assert c.percentile_of(42.5) == pytest.approx(42.5)
+
+
+def test_percentile_of_flat_distribution() -> None:
+    c = cal([1.0] * 101)
+    assert c.percentile_of(1.0) == 0.0 and c.percentile_of(1.1) == 100.0
+
+
+def test_latest_version_is_resolved(tmp_path: Path) -> None:
+    for v in (1, 3, 2):
+        d = tmp_path / "m" / str(v)
+        d.mkdir(parents=True)
+        (d / "manifest.json").write_text("{}")
+    (tmp_path / "m" / ".4-tmp").mkdir()  # an export in progress is not a version
+    assert list_versions(tmp_path, "m") == [1, 2, 3]
+    assert resolve_version_dir(tmp_path, "m").name == "3"
+    with pytest.raises(ModelStoreError, match="no versions"):
+        resolve_version_dir(tmp_path, "other")
+
+
+def test_invalid_manifest_is_a_one_line_reason(tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_text(json.dumps({"name": "x"}))
+    with pytest.raises(ModelStoreError, match="not a valid manifest"):
+        read_manifest(tmp_path)
+
+
+@pytest.mark.slow
+def test_tampered_weights_are_refused(tiny_model, tmp_path: Path) -> None:
+    import shutil
+
+    d = tmp_path / "tiny" / "1"
+    shutil.copytree(tiny_model.version_dir, d)
+    manifest, _ = load_scorer(d)
+    assert manifest.name == "tiny"
+    with open(d / "model.pt", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ModelStoreError, match="sha256"):
+        load_scorer(d)

@@ -1,0 +1,151 @@
+"""Reading the Kermany OCT2017 layout: `<root>/OCT2017/{train,test}/{NORMAL,CNV,DME,DRUSEN}/*.jpeg`.
+
+Images go through `octcore.preprocess.preprocess` — the same function the service uses — then, for training only,
+a light augmentation. Paths come from `--data_root` or the `OCT_DATA_ROOT` environment variable, never from code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from octcore.preprocess import Preprocessing, preprocess
+
+CLASSES = ("NORMAL", "CNV", "DME", "DRUSEN")
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+DATA_ROOT_ENV = "OCT_DATA_ROOT"
+
+
+class DataError(Exception):
+    """The dataset folder is missing or does not have the expected layout."""
+
+
+def resolve_data_root(data_root: str | os.PathLike | None) -> Path:
+    """Find the OCT2017 folder from `--data_root` (or $OCT_DATA_ROOT): the folder itself or one holding it.
+
+    Kaggle's copy of the dataset unpacks to `OCT2017 ` with a trailing space; both spellings are accepted.
+    """
+    raw = data_root or os.environ.get(DATA_ROOT_ENV)
+    if not raw:
+        raise DataError(f"no dataset given: pass --data_root or set {DATA_ROOT_ENV}")
+    root = Path(raw).expanduser()
+    for cand in (root, root / "OCT2017", root / "OCT2017 "):
+        if (cand / "train").is_dir() or (cand / "test").is_dir():
+            return cand
+    raise DataError(f"{root} holds no OCT2017/{{train,test}} folders")
+
+
+def list_images(oct_root: Path, split: str, cls: str) -> list[Path]:
+    folder = oct_root / split / cls
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def split_train_val(files: list[Path], val_fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
+    """Seeded split by patient id (the `<CLASS>-<patient>-<n>` name), so one patient's scans never straddle it."""
+    patients = sorted({_patient(p) for p in files})
+    random.Random(seed).shuffle(patients)
+    n_val = max(1, math.ceil(len(patients) * val_fraction)) if val_fraction > 0 and len(patients) > 1 else 0
+    val_patients = set(patients[:n_val])
+    return [p for p in files if _patient(p) not in val_patients], [p for p in files if _patient(p) in val_patients]
+
+
+def _patient(path: Path) -> str:
+    parts = path.stem.split("-")
+    return parts[1] if len(parts) >= 3 else path.stem
+
+
+def load_image(path: Path, cfg: Preprocessing) -> np.ndarray:
+    with Image.open(path) as im:
+        return preprocess(im, cfg)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Train-only augmentation on the preprocessed tensor. Small on purpose: normal anatomy must stay normal."""
+
+    flip_p: float = 0.5
+    max_rotation_deg: float = 5.0
+    blur_p: float = 0.2
+    contrast: float = 0.1
+
+    def __call__(self, x: Tensor, gen: torch.Generator) -> Tensor:
+        def u() -> float:
+            return float(torch.rand((), generator=gen))
+
+        if u() < self.flip_p:  # left/right eyes are mirror images of each other
+            x = x.flip(-1)
+        if self.max_rotation_deg > 0:
+            x = _rotate(x, (2 * u() - 1) * math.radians(self.max_rotation_deg))
+        if u() < self.blur_p:
+            k = torch.tensor([1.0, 2.0, 1.0]) / 4.0
+            x = F.conv2d(F.pad(x[None], (1, 1, 1, 1), mode="replicate"), (k[:, None] * k[None, :])[None, None])[0]
+        if self.contrast > 0:
+            c = 1 + (2 * u() - 1) * self.contrast
+            m = x.mean()
+            x = (x - m) * c + m
+        return x
+
+
+def _rotate(x: Tensor, angle: float) -> Tensor:
+    cos, sin = math.cos(angle), math.sin(angle)
+    theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=x.dtype)[None]
+    grid = F.affine_grid(theta, [1, *x.shape], align_corners=False)
+    return F.grid_sample(x[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+
+
+class OCTImages(Dataset):
+    """Files → preprocessed (1, S, S) tensors. With `cache_dir`, preprocessing runs once and later epochs (and later
+    runs with the same files and preprocessing) read a float16 memory map instead of decoding JPEGs."""
+
+    def __init__(self, files: list[Path], cfg: Preprocessing, augment: Augment | None = None,
+                 cache_dir: Path | None = None, seed: int = 0) -> None:
+        self.files = list(files)
+        self.cfg = cfg
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        self._cache = _build_cache(self.files, cfg, Path(cache_dir)) if cache_dir else None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> Tensor:
+        if self._cache is not None:
+            x = torch.from_numpy(np.asarray(self._cache[i], dtype=np.float32))
+        else:
+            x = torch.from_numpy(load_image(self.files[i], self.cfg))
+        x = x[None]
+        if self.augment is not None:
+            # Seeded per (seed, epoch, index): reproducible however the workers interleave.
+            gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
+            x = self.augment(x, gen)
+        return x
+
+
+def _build_cache(files: list[Path], cfg: Preprocessing, cache_dir: Path) -> np.ndarray:
+    key = hashlib.sha256(json.dumps([cfg.to_dict(), [str(f) for f in files]]).encode()).hexdigest()[:16]
+    path = cache_dir / f"images-{key}-{cfg.size}.f16.npy"
+    if not path.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(files), cfg.size, cfg.size))
+        for i, f in enumerate(files):
+            arr[i] = load_image(f, cfg)
+        arr.flush()
+        del arr
+        tmp.rename(path)  # only a complete cache is ever visible
+    return np.load(path, mmap_mode="r")

@@ -1,0 +1,175 @@
+"""Export a trained checkpoint as a calibrated TorchScript scorer into a model store.
+
+    python -m training.export --model_dir saved_models/<run>/best-*.ckpt --model_store model_store --name oct-vqvae
+
+Writes `<model_store>/<name>/<version>/{model.pt, manifest.json}`; the version folder appears atomically (built
+beside it, then renamed), so a service watching the store never sees half an export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from octcore.manifest import (
+    MODEL_FILE,
+    InputSpec,
+    Manifest,
+    ModelStoreError,
+    ScoreSpec,
+    list_versions,
+    load_scorer,
+    sha256_file,
+    write_manifest,
+)
+from octcore.preprocess import Preprocessing
+from training.checkpoint import load_checkpoint
+from training.data import CLASSES, DataError, list_images, load_image, resolve_data_root
+from training.evaluate import calibrate, score_files, separation
+from training.model import VQVAE
+from training.scorer import MAPS, SCORE_DESCRIPTIONS, SCORE_MAPS, Scorer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.export", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model_dir", required=True, help="checkpoint (best-*.ckpt) or its run folder")
+    p.add_argument("--model_store", default="model_store")
+    p.add_argument("--name", default="oct-vqvae")
+    p.add_argument("--version", type=int, default=None, help="default: next integer in the store")
+    p.add_argument("--data_root", default=None, help="override the dataset path recorded in the checkpoint")
+    p.add_argument("--threshold_percentile", type=float, default=95.0,
+                   help="decision threshold = this percentile of normal validation scores")
+    p.add_argument("--top_fraction", type=float, default=0.01, help="fraction of each map averaged into its score")
+    p.add_argument("--primary_score", default=None, help="default: the best held-out AUROC (see manifest evaluation)")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    return p
+
+
+def resolve_checkpoint(model_dir: str) -> Path:
+    p = Path(model_dir)
+    if p.is_dir():
+        best = sorted(p.glob("best-*.ckpt"))
+        if not best:
+            raise SystemExit(f"error: no best-*.ckpt in {p}")
+        return best[-1]
+    return p
+
+
+def build_scorer(ckpt: dict, top_fraction: float) -> tuple[Scorer, dict[str, ScoreSpec], list[str]]:
+    """The eager scorer plus the score and map definitions the manifest declares for it."""
+    model = VQVAE.from_checkpoint(ckpt)
+    scorer = Scorer(model, top_fraction).eval()
+    specs = {k: ScoreSpec(description=SCORE_DESCRIPTIONS[k].format(top=top_fraction), map=SCORE_MAPS[k])
+             for k in SCORE_MAPS}
+    return scorer, specs, list(MAPS)
+
+
+def choose_primary(evaluation: dict[str, dict], specs: dict[str, ScoreSpec], requested: str | None) -> str:
+    if requested is not None:
+        if requested not in specs:
+            raise SystemExit(f"error: --primary_score {requested!r} is not one of {sorted(specs)}")
+        return requested
+    aurocs = {k: v["auroc"] for k, v in evaluation.items() if k in specs and np.isfinite(v["auroc"])}
+    return max(aurocs, key=aurocs.get) if aurocs else "residual"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not 0 < args.threshold_percentile < 100 or not 0 < args.top_fraction <= 1:
+        raise SystemExit("error: --threshold_percentile must be in (0, 100) and --top_fraction in (0, 1]")
+    if args.version is not None and args.version < 1:
+        raise SystemExit("error: --version must be a positive integer")
+    ckpt_path = resolve_checkpoint(args.model_dir)
+    ckpt = load_checkpoint(ckpt_path)
+    device = torch.device(args.device if args.device == "cpu" or torch.cuda.is_available() else "cpu")
+    prep = Preprocessing.from_dict(ckpt["preprocessing"])
+    try:
+        oct_root = resolve_data_root(args.data_root or ckpt["train_config"]["data_root"])
+    except DataError as e:
+        raise SystemExit(f"error: {e} (calibration needs the normal validation images; pass --data_root)") from None
+
+    store = Path(args.model_store)
+    version = args.version or (max(list_versions(store, args.name), default=0) + 1)
+    final = store / args.name / str(version)
+    if final.exists():
+        raise SystemExit(f"error: {final} already exists; model versions are immutable — pick another --version")
+
+    scorer, specs, maps = build_scorer(ckpt, args.top_fraction)
+    scorer = scorer.to(device)
+    with warnings.catch_warnings():  # TorchScript is deprecated upstream but is the artifact our users asked for
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(scorer)
+
+    # Calibrate on the run's own normal validation images: never seen by the optimiser, never the test set.
+    val_files = [oct_root / f for f in ckpt["val_files"]] or [oct_root / f for f in ckpt["train_files"][-8:]]
+    missing = [f for f in val_files if not f.is_file()]
+    if missing:
+        raise SystemExit(f"error: {len(missing)} validation images are missing under {oct_root}, e.g. {missing[0]}")
+    score_names, map_names = list(specs), [s.map for s in specs.values() if s.map]
+    normal = score_files(scripted, val_files, prep, score_names, map_names, args.batch_size, device,
+                         desc="calibrating")
+    calibration = {k: calibrate(normal.scores[k], args.threshold_percentile, normal.map_samples.get(specs[k].map))
+                   for k in score_names}
+
+    # Choose the primary score on held-out abnormal *training* scans (the dataset ships some) vs normal validation.
+    abnormal = [f for c in CLASSES[1:] for f in list_images(oct_root, "train", c)]
+    evaluation: dict[str, dict] = {}
+    if abnormal:
+        ab = score_files(scripted, abnormal, prep, score_names, [], args.batch_size, device, desc="held-out abnormal")
+        evaluation = {k: separation(normal.scores[k], ab.scores[k]) for k in score_names}
+    primary = choose_primary(evaluation, specs, args.primary_score)
+
+    # The scripted module must agree with the eager one it came from.
+    with torch.no_grad():
+        probe = torch.from_numpy(load_image(val_files[0], prep))[None, None]
+        eager, script_out = scorer(probe.to(device)), scripted(probe.to(device))
+    for k in [*score_names, *map_names]:
+        if not torch.allclose(eager[k], script_out[k], atol=1e-5, rtol=1e-4):
+            raise SystemExit(f"error: scripted and eager scorer disagree on {k}")
+
+    store.mkdir(parents=True, exist_ok=True)
+    (store / args.name).mkdir(exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=store / args.name))
+    try:
+        scripted.cpu().save(str(tmp / MODEL_FILE))
+        manifest = Manifest(
+            name=args.name, version=version, sha256=sha256_file(tmp / MODEL_FILE), torch_version=torch.__version__,
+            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            input=InputSpec(size=prep.size), preprocessing=prep.to_dict(), maps=maps, scores=specs,
+            primary_score=primary, calibration=calibration,
+            training=training_summary(ckpt, ckpt_path),
+            evaluation={"held_out": evaluation, "primary_score_rule": "highest AUROC: normal validation vs abnormal "
+                        "train scans" if args.primary_score is None else "given by --primary_score"},
+        )
+        write_manifest(tmp, manifest)
+        load_scorer(tmp, "cpu")  # verify the artifact through the same loader the service uses
+        tmp.rename(final)
+    except (ModelStoreError, OSError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SystemExit(f"error: export failed: {e}") from None
+    print(json.dumps({"exported": str(final), "primary_score": primary,
+                      "thresholds": {k: round(c.threshold, 6) for k, c in calibration.items()},
+                      "held_out_auroc": {k: round(v["auroc"], 4) for k, v in evaluation.items()}}), flush=True)
+    return 0
+
+
+def training_summary(ckpt: dict, ckpt_path: Path) -> dict:
+    state = ckpt["state"]
+    return {"checkpoint": str(ckpt_path), "config": ckpt["train_config"], "model_config": ckpt["model_config"],
+            "epoch": state["epoch"], "best_epoch": state["best_epoch"], "best_val_loss": state["best_val"],
+            "final_metrics": (state["history"] or [{}])[-1]}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

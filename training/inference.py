@@ -1,0 +1,120 @@
+"""Evaluate a trained checkpoint on the test split.
+
+    python -m training.inference --model_dir saved_models/<run>/best-*.ckpt [--data_root DATA]
+
+Writes `<run>/inference/`: per-image scores (scores.csv), metrics.json (AUROC/AUPRC NORMAL-vs-rest and each disease
+vs NORMAL for every score), one figure grid per category (input, reconstruction, ALM, residual), ROC curves and score
+histograms; prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from octcore.preprocess import Preprocessing
+from training.checkpoint import load_checkpoint
+from training.data import CLASSES, DataError, list_images, resolve_data_root
+from training.device import pick_device
+from training.evaluate import roc, score_files, separation
+from training.export import build_scorer, resolve_checkpoint
+from training.plots import plot_grid, plot_histograms, plot_roc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.inference", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_dir", required=True, help="checkpoint (best-*.ckpt) or its run folder")
+    p.add_argument("--data_root", default=None, help="override the dataset path recorded in the checkpoint")
+    p.add_argument("--split", default="test")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--device", choices=["gpu", "cuda", "cpu"], default="gpu")
+    p.add_argument("--examples", type=int, default=4, help="images per category in the figure grids")
+    p.add_argument("--top_fraction", type=float, default=0.01, help="fraction of each map averaged into its score")
+    p.add_argument("--output", default=None, help="default: <run>/inference")
+    return p
+
+
+def evaluation_table(scores: dict[str, dict[str, np.ndarray]], score_names: list[str]) -> dict[str, dict]:
+    """{comparison: {score: {auroc, auprc, n_normal, n_abnormal}}} for NORMAL-vs-rest and each disease vs NORMAL."""
+    normal = scores.get("NORMAL", {})
+    table: dict[str, dict] = {}
+    comparisons = {"NORMAL vs rest": [c for c in CLASSES[1:] if c in scores],
+                   **{f"{c} vs NORMAL": [c] for c in CLASSES[1:] if c in scores}}
+    for name, positives in comparisons.items():
+        table[name] = {k: separation(normal.get(k, np.zeros(0)),
+                                     np.concatenate([scores[c][k] for c in positives]) if positives else np.zeros(0))
+                       for k in score_names}
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    ckpt_path = resolve_checkpoint(args.model_dir)
+    ckpt = load_checkpoint(ckpt_path)
+    try:
+        oct_root = resolve_data_root(args.data_root or ckpt["train_config"]["data_root"])
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    files = {c: list_images(oct_root, args.split, c) for c in CLASSES}
+    files = {c: f for c, f in files.items() if f}
+    if "NORMAL" not in files or len(files) < 2:
+        raise SystemExit(f"error: {oct_root}/{args.split} needs NORMAL and at least one disease folder with images")
+    device = pick_device(args.device)
+    prep = Preprocessing.from_dict(ckpt["preprocessing"])
+    scorer, specs, _ = build_scorer(ckpt, args.top_fraction)
+    scorer = scorer.to(device)
+    score_names = list(specs)
+    map_names = [s.map for s in specs.values() if s.map]
+    out_dir = Path(args.output) if args.output else ckpt_path.parent / "inference"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    scored = {c: score_files(scorer, fs, prep, score_names, map_names, args.batch_size, device, args.num_workers,
+                             keep_examples=args.examples, desc=c) for c, fs in files.items()}
+    scores = {c: s.scores for c, s in scored.items()}
+
+    with open(out_dir / "scores.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "category", *score_names])
+        for c, s in scored.items():
+            for i, path in enumerate(s.files):
+                w.writerow([path.name, c, *(f"{s.scores[k][i]:.6g}" for k in score_names)])
+    for c, s in scored.items():
+        rows = [(f"{c} #{i}", {k: v for k, v in ex.items()}) for i, ex in enumerate(s.examples)]
+        if rows:
+            plot_grid(rows, out_dir / f"grid_{c}.png", f"{c}: input, reconstruction, anomaly maps")
+    table = evaluation_table(scores, score_names)
+    normal = scores["NORMAL"]
+    rest = {k: np.concatenate([scores[c][k] for c in files if c != "NORMAL"]) for k in score_names}
+    plot_roc({k: (*roc(normal[k], rest[k]), table["NORMAL vs rest"][k]["auroc"]) for k in score_names},
+             out_dir / "roc_normal_vs_rest.png", "NORMAL vs rest")
+    labels = np.concatenate([[c] * len(s.files) for c, s in scored.items()])
+    plot_histograms({k: np.concatenate([scores[c][k] for c in scored]) for k in score_names}, labels,
+                    list(scored), out_dir / "score_histograms.png")
+    (out_dir / "metrics.json").write_text(json.dumps({"checkpoint": str(ckpt_path), "split": args.split,
+                                                      "counts": {c: len(f) for c, f in files.items()},
+                                                      "results": table}, indent=2))
+    print(format_table(table, score_names))
+    print(f"→ {out_dir}")
+    return 0
+
+
+def format_table(table: dict[str, dict], score_names: list[str]) -> str:
+    head = f"{'comparison':<18}" + "".join(f"{k + ' AUROC':>15}{k + ' AUPRC':>15}" for k in score_names)
+    lines = [head, "-" * len(head)]
+    for comp, per_score in table.items():
+        lines.append(f"{comp:<18}" + "".join(f"{per_score[k]['auroc']:>15.3f}{per_score[k]['auprc']:>15.3f}"
+                                             for k in score_names))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    sys.exit(main())

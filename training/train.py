@@ -1,0 +1,284 @@
+"""Train the VQ-VAE on NORMAL B-scans.
+
+    python -m training.train --data_root DATA --epochs 50 --batch_size 32
+
+Straight line: arguments → data → model → loop (train, validate, checkpoint, log) → latent codes for the prior.
+Each run writes `<output_dir>/<YYYY-MM-DD_HH-MM-SS>/`; `--resume <run dir or last.ckpt>` continues it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from octcore.preprocess import Preprocessing
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.data import Augment, DataError, OCTImages, list_images, resolve_data_root, split_train_val
+from training.device import pick_device
+from training.model import VQVAE, VQVAEConfig
+from training.plots import plot_loss_curves
+
+
+def str2bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {v!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # The original research code's arguments, same names.
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--n_hiddens", type=int, default=128)
+    p.add_argument("--n_residual_hiddens", type=int, default=64)
+    p.add_argument("--n_residual_layers", type=int, default=4)
+    p.add_argument("--embedding_dim", type=int, default=64)
+    p.add_argument("--n_embeddings", type=int, default=64)
+    p.add_argument("--beta", type=float, default=0.25, help="weight of the commitment loss")
+    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--ema_decay", type=float, default=0.95, help="EMA codebook updates; 0 = gradient codebook loss")
+    p.add_argument("--dead_code_steps", type=int, default=5, help="restart a code idle for this many steps")
+    p.add_argument("--patience", type=int, default=10, help="early stopping: epochs without val improvement")
+    p.add_argument("--min_delta", type=float, default=1e-4, help="early stopping: smallest improvement that counts")
+    p.add_argument("--device", choices=["gpu", "cuda", "cpu"], default="gpu")
+    p.add_argument("--save", type=str2bool, default=True, help="write checkpoints and the run folder")
+    # Additions.
+    p.add_argument("--data_root", default=None, help="folder holding OCT2017/ (default: $OCT_DATA_ROOT)")
+    p.add_argument("--image_size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_workers", type=int, default=4)
+    p.add_argument("--amp", action="store_true", help="mixed precision (bfloat16) on CUDA")
+    p.add_argument("--output_dir", default="saved_models")
+    p.add_argument("--resume", default=None, help="run folder or last.ckpt to continue")
+    p.add_argument("--val_fraction", type=float, default=0.1)
+    p.add_argument("--no_augment", action="store_true", help="switch train-time augmentation off")
+    p.add_argument("--cache_dir", default=None, help="cache preprocessed images here (one-time cost)")
+    p.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
+    p.add_argument("--wandb_project", default="oct-vqvae")
+    return p
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    checks = [
+        (args.batch_size > 0, "--batch_size must be positive"),
+        (args.epochs > 0, "--epochs must be positive"),
+        (args.image_size >= 16 and args.image_size % 4 == 0, "--image_size must be a multiple of 4, at least 16"),
+        (args.n_hiddens >= 2 and args.n_hiddens % 2 == 0, "--n_hiddens must be even"),
+        (min(args.n_residual_hiddens, args.embedding_dim, args.n_embeddings) > 0, "sizes must be positive"),
+        (args.n_residual_layers >= 0, "--n_residual_layers must be >= 0"),
+        (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
+        (0 <= args.ema_decay < 1, "--ema_decay must be in [0, 1)"),
+        (0 <= args.val_fraction < 1, "--val_fraction must be in [0, 1)"),
+        (args.learning_rate > 0 and args.beta >= 0, "--learning_rate must be > 0 and --beta >= 0"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise SystemExit(f"error: {msg}")
+
+
+def new_run_dir(output_dir: Path) -> Path:
+    stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    run = output_dir / stamp
+    n = 1
+    while run.exists():  # two runs started in the same second
+        run = output_dir / f"{stamp}-{n}"
+        n += 1
+    run.mkdir(parents=True)
+    return run
+
+
+def run_epoch(model: VQVAE, loader: DataLoader, device: torch.device, opt: torch.optim.Optimizer | None,
+              amp: bool, desc: str) -> dict[str, float]:
+    """One pass; trains when `opt` is given. Returns mean losses, perplexity and throughput."""
+    train = opt is not None
+    model.train(train)
+    sums = {"loss": 0.0, "recon": 0.0, "vq": 0.0, "perplexity": 0.0}
+    used = torch.zeros(model.cfg.n_embeddings, dtype=torch.bool, device=device)
+    n, t0 = 0, time.perf_counter()
+    bar = tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True, file=sys.stderr)
+    for x in bar:
+        x = x.to(device, non_blocking=True)
+        with torch.set_grad_enabled(train), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(x)
+            recon = torch.nn.functional.mse_loss(out["x_hat"].float(), x)
+            loss = recon + out["vq_loss"]
+        if train:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        b = x.shape[0]
+        n += b
+        for k, v in (("loss", loss), ("recon", recon), ("vq", out["vq_loss"]), ("perplexity", out["perplexity"])):
+            sums[k] += float(v.detach()) * b
+        used[out["codes"].unique()] = True
+        bar.set_postfix(loss=f"{sums['loss'] / n:.4f}", ppl=f"{sums['perplexity'] / n:.1f}")
+    seconds = time.perf_counter() - t0
+    stats = {k: v / max(n, 1) for k, v in sums.items()}
+    stats.update(codebook_usage=float(used.float().mean()), img_per_s=n / max(seconds, 1e-9), seconds=seconds)
+    return stats
+
+
+@torch.no_grad()
+def save_latents(model: VQVAE, splits: dict[str, list[Path]], cfg: Preprocessing, run_dir: Path, batch_size: int,
+                 num_workers: int, device: torch.device, data_root: Path) -> None:
+    """The code grid of every training image: what the autoregressive prior learns from."""
+    model.eval()
+    out = run_dir / "latent"
+    out.mkdir(exist_ok=True)
+    for split, files in splits.items():
+        loader = DataLoader(OCTImages(files, cfg), batch_size=batch_size, num_workers=num_workers)
+        codes = [model.encode_codes(x.to(device)).cpu().to(torch.int16) for x in tqdm(
+            loader, desc=f"latent {split}", leave=False, disable=None, file=sys.stderr)]
+        np.save(out / f"{split}_codes.npy", torch.cat(codes).numpy() if codes else np.zeros((0, 0, 0), np.int16))
+        (out / f"{split}_files.txt").write_text("".join(f"{f.relative_to(data_root)}\n" for f in files))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    validate_args(args)
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    amp = args.amp and device.type == "cuda"
+
+    resume = load_checkpoint(args.resume) if args.resume else None
+    if resume is not None:  # the run's own settings win over the command line, except the epoch budget
+        saved = resume["train_config"]
+        for k in ("data_root", "image_size", "seed", "val_fraction", "n_hiddens", "n_residual_hiddens",
+                  "n_residual_layers", "embedding_dim", "n_embeddings", "beta", "dropout", "ema_decay",
+                  "dead_code_steps"):
+            setattr(args, k, saved[k])
+
+    # Data: NORMAL training B-scans only; a seeded, patient-wise validation split.
+    try:
+        oct_root = resolve_data_root(args.data_root)
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    files = list_images(oct_root, "train", "NORMAL")
+    if len(files) < 2:
+        raise SystemExit(f"error: {oct_root}/train/NORMAL holds {len(files)} images; at least 2 are needed")
+    train_files, val_files = split_train_val(files, args.val_fraction, args.seed)
+    prep = Preprocessing(size=args.image_size)
+    cache = Path(args.cache_dir) if args.cache_dir else None
+    augment = None if args.no_augment else Augment()
+    train_ds = OCTImages(train_files, prep, augment, cache, seed=args.seed)
+    val_ds = OCTImages(val_files or train_files[:1], prep, None, cache)
+    loader_kw = {"num_workers": args.num_workers, "pin_memory": device.type == "cuda",
+                 "persistent_workers": args.num_workers > 0}
+    train_loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, drop_last=len(train_ds) >
+                              args.batch_size, generator=torch.Generator().manual_seed(args.seed), **loader_kw)
+    val_loader = DataLoader(val_ds, batch_size=args.batch_size, **loader_kw)
+    print(f"data: {oct_root} | train {len(train_files)} | val {len(val_files)} NORMAL images | "
+          f"device {device}{' (bf16 amp)' if amp else ''}", flush=True)
+
+    model_cfg = VQVAEConfig(n_hiddens=args.n_hiddens, n_residual_hiddens=args.n_residual_hiddens,
+                            n_residual_layers=args.n_residual_layers, embedding_dim=args.embedding_dim,
+                            n_embeddings=args.n_embeddings, beta=args.beta, dropout=args.dropout,
+                            ema_decay=args.ema_decay, dead_code_steps=args.dead_code_steps)
+    model = VQVAE(model_cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
+    state = {"epoch": 0, "best_val": math.inf, "best_epoch": -1, "bad_epochs": 0, "history": []}
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        state.update(resume["state"])
+        run_dir = Path(resume["run_dir_path"])
+        print(f"resuming {run_dir} after epoch {state['epoch']}", flush=True)
+    elif args.save:
+        run_dir = new_run_dir(Path(args.output_dir))
+    else:
+        run_dir = None
+
+    config = {"train_config": vars(args) | {"data_root": str(oct_root)}, "model_config": model_cfg.to_dict(),
+              "preprocessing": prep.to_dict()}
+    if run_dir is not None:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    wandb_run = start_wandb(args, config, run_dir)
+
+    def checkpoint() -> dict:
+        return {**config, "model": model.state_dict(), "optimizer": opt.state_dict(), "state": state,
+                "run_dir_path": str(run_dir), "train_files": [str(f.relative_to(oct_root)) for f in train_files],
+                "val_files": [str(f.relative_to(oct_root)) for f in val_files]}
+
+    stopped_early = False
+    for epoch in range(state["epoch"] + 1, args.epochs + 1):
+        train_ds.epoch = epoch
+        tr = run_epoch(model, train_loader, device, opt, amp, f"epoch {epoch}/{args.epochs} train")
+        va = run_epoch(model, val_loader, device, None, amp, f"epoch {epoch}/{args.epochs} val")
+        improved = va["loss"] < state["best_val"] - args.min_delta
+        row = {"epoch": epoch, **{f"train_{k}": v for k, v in tr.items()}, **{f"val_{k}": v for k, v in va.items()}}
+        state["history"].append(row)
+        state["epoch"] = epoch
+        state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
+        print(f"epoch {epoch:3d} | train {tr['loss']:.5f} (recon {tr['recon']:.5f}, vq {tr['vq']:.5f}) | "
+              f"val {va['loss']:.5f} | perplexity {tr['perplexity']:.1f} | codes used {tr['codebook_usage']:.0%} | "
+              f"{tr['img_per_s']:.0f} img/s{' *' if improved else ''}", flush=True)
+        if wandb_run is not None:
+            wandb_run.log(row, step=epoch)
+        if improved:
+            state["best_val"], state["best_epoch"] = va["loss"], epoch
+        if run_dir is not None:
+            if improved:
+                for old in run_dir.glob("best-*.ckpt"):
+                    old.unlink()
+                save_checkpoint(checkpoint(), run_dir / f"best-epoch={epoch:02d}-val_loss={va['loss']:.4f}.ckpt")
+            save_checkpoint(checkpoint(), run_dir / "last.ckpt")  # an interruption loses at most this epoch
+            write_metrics(run_dir, state["history"])
+        if state["bad_epochs"] >= args.patience:
+            print(f"early stop: no val improvement > {args.min_delta} for {args.patience} epochs", flush=True)
+            stopped_early = True
+            break
+
+    if run_dir is not None:
+        best = load_checkpoint(next(run_dir.glob("best-*.ckpt")))
+        model.load_state_dict(best["model"])
+        save_latents(model, {"train": train_files, "val": val_files}, prep, run_dir, args.batch_size,
+                     args.num_workers, device, oct_root)
+        summary = {"best_epoch": state["best_epoch"], "best_val_loss": state["best_val"],
+                   "epochs_run": state["epoch"], "stopped_early": stopped_early, "run_dir": str(run_dir)}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"best epoch {state['best_epoch']} val_loss {state['best_val']:.5f} → {run_dir}", flush=True)
+    if wandb_run is not None:
+        wandb_run.finish()
+    return 0
+
+
+def write_metrics(run_dir: Path, history: list[dict]) -> None:
+    with open(run_dir / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)
+    plot_loss_curves(history, run_dir / "loss_curve.png")
+
+
+def start_wandb(args: argparse.Namespace, config: dict, run_dir: Path | None):  # -> wandb Run | None
+    if not args.wandb:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        print("warning: --wandb given but wandb is not installed (pip install 'oct-anomaly[wandb]'); not logging",
+              file=sys.stderr)
+        return None
+    return wandb.init(project=args.wandb_project, config=config, dir=str(run_dir) if run_dir else None,
+                      name=run_dir.name if run_dir else None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
