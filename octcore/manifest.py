@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -168,7 +169,9 @@ def load_scorer(version_dir: Path, device: str = "cpu") -> tuple[Manifest, Any]:
     if manifest.format != "torchscript":
         raise ModelStoreError(f"unsupported scorer format {manifest.format!r}")
     try:
-        module = torch.jit.load(str(weights), map_location=device)
+        with warnings.catch_warnings():  # TorchScript is deprecated upstream; it is still the artifact we ship
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(str(weights), map_location=device)
     except Exception as e:  # any failure to deserialise is a corrupt or incompatible artifact
         raise ModelStoreError(f"cannot load {weights}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
     module.eval()

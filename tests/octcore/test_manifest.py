@@ -5,8 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from octcore.manifest import Calibration, ModelStoreError, list_versions, load_scorer, read_manifest, \
-    resolve_version_dir
+from octcore.manifest import (
+    Calibration,
+    ModelStoreError,
+    list_versions,
+    load_scorer,
+    read_manifest,
+    resolve_version_dir,
+)
 
 
 def cal(values: list[float]) -> Calibration:

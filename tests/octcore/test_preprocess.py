@@ -34,7 +34,7 @@ def test_all_white_image_is_kept_whole() -> None:
 def test_output_shape_dtype_and_range() -> None:
     x = preprocess(Image.fromarray(scan()), CFG)
     assert x.shape == (64, 64) and x.dtype == np.float32
-    assert -1.0 <= x.min() and x.max() <= 1.0
+    assert x.min() >= -1.0 and x.max() <= 1.0
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "LA"])

@@ -44,7 +44,7 @@ def test_data_root_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_split_is_seeded_and_by_patient() -> None:
     files = [Path(f"NORMAL-{p}-{i}.jpeg") for p in range(30) for i in range(3)]
     a_train, a_val = split_train_val(files, 0.1, seed=1)
-    b_train, b_val = split_train_val(files, 0.1, seed=1)
+    _, b_val = split_train_val(files, 0.1, seed=1)
     assert a_val == b_val and len(a_val) == 9
     assert not {f.name.split("-")[1] for f in a_val} & {f.name.split("-")[1] for f in a_train}
     assert split_train_val(files, 0.1, seed=2)[1] != a_val

@@ -1,0 +1,58 @@
+"""What routes need, as `Annotated[..., Depends()]` aliases: a signature says what a route uses, tests can swap it."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from service.engine import Engine
+from service.errors import NotReady, Unauthorized
+from service.metrics import Metrics
+from service.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def get_engine(request: Request) -> Engine:
+    engine = getattr(request.app.state, "engine", None)
+    if engine is None:
+        raise NotReady("model not loaded", headers={"Retry-After": "1"})
+    return engine
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+
+
+def require_api_key(
+    settings: SettingsDep,
+    authorization: Annotated[str | None, Header(description="`Bearer <key>` when OCT_API_KEYS is set")] = None,
+    x_api_key: Annotated[str | None, Header(description="`<key>`, instead of Authorization")] = None,
+) -> None:
+    if not settings.api_keys:
+        return
+    offered = x_api_key
+    if offered is None and authorization:
+        scheme, _, token = authorization.partition(" ")
+        offered = token.strip() if scheme.lower() == "bearer" else None
+    if offered is None:
+        raise Unauthorized("send `Authorization: Bearer <key>` or `X-API-Key: <key>`",
+                           headers={"WWW-Authenticate": "Bearer"})
+    # Compare against every key in constant time, so timing tells nothing about which prefix matched.
+    ok = False
+    for key in settings.api_keys:
+        ok |= secrets.compare_digest(offered.encode(), key.encode())
+    if not ok:
+        raise Unauthorized("API key not recognised", headers={"WWW-Authenticate": "Bearer"})
+
+
+AuthDep = Annotated[None, Depends(require_api_key)]

@@ -1,0 +1,91 @@
+"""One DICOM instance from a PACS → decoded, scored, SR + SC built, stored in the outbox (then delivered).
+
+`score_dicom` is the `/score` path (scores only, nothing stored); `ingest` is the STOW-RS path. Either raises a
+`DicomProblem` for a bad object before anything is written, so a refused instance leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from starlette.requests import Request
+
+from service.dicom.decode import MAX_TOTAL_PIXELS, DicomImage, decode_dicom
+from service.dicom.delivery import Outbox, dicom_bytes
+from service.dicom.errors import DicomProblem, OwnResult, ResultsNotBuildable, StudyMismatch
+from service.dicom.results import MANUFACTURER, ResultIds, fill_type2, is_uid
+from service.dicom.sc import build_sc
+from service.dicom.schemas import Delivery, ResultInstance, ResultRecord, VolumeScoreResult
+from service.dicom.sr import build_sr
+from service.dicom.volume import score_volume
+
+
+async def decode(engine: Any, data: bytes) -> DicomImage:
+    s = engine.settings
+    return await engine.run_cpu(lambda: decode_dicom(data, max_total_pixels=MAX_TOTAL_PIXELS,
+                                                     max_side=s.max_image_side, max_frame_pixels=s.max_image_pixels))
+
+
+async def score_dicom(engine: Any, data: bytes, *, heatmaps: bool, request_id: str | None = None,
+                      started: float | None = None) -> VolumeScoreResult:
+    """`/score` with a DICOM body: per-frame and volume scores (see service.dicom.schemas.AGGREGATION_DOC)."""
+    started = time.perf_counter() if started is None else started
+    image = await decode(engine, data)
+    return await score_volume(engine, image, heatmaps=heatmaps, request_id=request_id, started=started)
+
+
+async def ingest(engine: Any, outbox: Outbox, data: bytes, *, base_url: str, study: str | None = None,
+                 deliver: bool = True, request_id: str | None = None) -> ResultRecord:
+    """Score one STOW-RS instance and store its SR + SC (status `pending` when `deliver`, else `local`)."""
+    image = await decode(engine, data)
+    ds = image.dataset
+    if study is not None and image.study_instance_uid != study:
+        raise StudyMismatch(f"instance is in study {image.study_instance_uid}, the URL names {study}")
+    if str(ds.get("Manufacturer", "")) == MANUFACTURER:
+        raise OwnResult("this instance was produced by the OCT anomaly service; a router loop?")
+    for name in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        if not is_uid(str(ds.get(name, ""))):
+            raise ResultsNotBuildable(f"{name} is missing or not a valid UID")
+    result = await score_volume(engine, image, heatmaps=False, request_id=request_id)
+    # The heatmap for the overlay: the most anomalous frame again, with maps (same input → same scores).
+    top = await engine.score_gray(image.frames[result.max_frame], heatmaps=True)
+    ids = ResultIds(image.series_instance_uid, image.sop_instance_uid, result.model)
+
+    def build() -> dict[str, Any]:
+        source = fill_type2(ds)  # highdicom copies these from the source and needs them present
+        objs: dict[str, Any] = {"sr": build_sr(source, result, ids)}
+        maps = top.heatmaps or {}
+        if maps:
+            name = engine.primary if engine.primary in maps else next(iter(maps))
+            objs["sc"] = build_sc(source, image.frames[result.max_frame], name, maps[name], engine.cfg, result, ids)
+        return objs
+
+    try:
+        objs = await engine.run_cpu(build)
+        files = await engine.run_cpu(lambda: {f"{k}.dcm": dicom_bytes(o) for k, o in objs.items()})
+    except DicomProblem:
+        raise
+    except (ValueError, TypeError, AttributeError, KeyError) as e:  # highdicom validating the source's attributes
+        raise ResultsNotBuildable(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from e
+    uid = image.sop_instance_uid
+    record = ResultRecord(
+        source_sop_instance_uid=uid, study_instance_uid=image.study_instance_uid, created_at=time.time(),
+        result=result, delivery=Delivery(status="pending" if deliver else "local"),
+        instances=[ResultInstance(kind=k, sop_class_uid=str(o.SOPClassUID), sop_instance_uid=str(o.SOPInstanceUID),
+                                  series_instance_uid=str(o.SeriesInstanceUID),
+                                  url=f"{base_url}/dicomweb/results/{uid}/{k}.dcm") for k, o in objs.items()])
+    await asyncio.to_thread(outbox.put, record, files)
+    return record
+
+
+async def score_dicom_upload(request: Request, engine: Any, data: bytes, *, heatmaps: bool,
+                             started: float) -> VolumeScoreResult:
+    """The DICOM branch of `POST /score`: scores + the audit fields (UIDs and scores only, never patient data)."""
+    result = await score_dicom(engine, data, heatmaps=heatmaps, request_id=request.scope.get("oct.request_id"),
+                               started=started)
+    request.scope.setdefault("oct.audit", {}).update(
+        score=result.score, is_anomalous=result.is_anomalous, percentile=round(result.percentile, 2),
+        frames=result.number_of_frames, max_frame=result.max_frame, sop_instance_uid=result.sop_instance_uid)
+    return result

@@ -1,0 +1,79 @@
+"""The heatmap overlay of one scored image: an RGB Secondary Capture of the most anomalous B-scan with the primary
+score's heatmap blended on top, built by highdicom from the source dataset (patient/study copied by the library).
+
+Overlay: the heatmap (service.heatmaps scale: 0..1 of the calibration's map_scale) is resized onto the region the
+model saw (the B-scan minus its white margins) and coloured with a black→red→yellow ramp; its opacity grows
+with the value (0 → transparent, ≥ map_scale → 60 % opaque), so normal tissue stays readable gray.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import highdicom as hd
+import numpy as np
+from PIL import Image
+from pydicom.dataset import Dataset
+
+from octcore.preprocess import Preprocessing, crop_white_margins
+from service.dicom.results import MANUFACTURER, ResultIds, model_label
+from service.dicom.schemas import VolumeScoreResult
+
+MAX_OPACITY = 0.6
+
+
+def heat_colours(h: np.ndarray) -> np.ndarray:
+    """(H, W) in [0, 1] → (H, W, 3) float RGB: black → red → yellow (no white, which would vanish on bright tissue)."""
+    return np.stack([np.clip(2 * h, 0, 1), np.clip(2 * h - 1, 0, 1), np.zeros_like(h)], axis=-1)
+
+
+def overlay(gray: np.ndarray, heatmap_png_b64: str, cfg: Preprocessing) -> np.ndarray:
+    """B-scan (H, W) in [0, 1] + heatmap PNG → (H, W, 3) uint8 RGB."""
+    _, (x0, y0, x1, y1) = crop_white_margins(gray, cfg)  # the same box the engine scored
+    heat_img = Image.open(io.BytesIO(base64.b64decode(heatmap_png_b64))).convert("L")
+    heat = np.zeros_like(gray, dtype=np.float32)
+    heat[y0:y1, x0:x1] = np.asarray(heat_img.resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR),
+                                    dtype=np.float32) / 255.0
+    alpha = (MAX_OPACITY * heat)[..., None]
+    rgb = (1 - alpha) * gray[..., None] + alpha * heat_colours(heat)
+    return np.rint(np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+
+
+def build_sc(source: Dataset, gray: np.ndarray, heatmap_name: str, heatmap_png_b64: str, cfg: Preprocessing,
+             result: VolumeScoreResult, ids: ResultIds) -> hd.sc.SCImage:
+    """SC of frame `result.max_frame` (`gray`) with the `heatmap_name` heatmap; UIDs from `ids`."""
+    rgb = overlay(gray, heatmap_png_b64, cfg)
+    frame_number = result.max_frame + 1
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
+        coordinate_system="PATIENT", patient_orientation=_orientation(source),
+        series_instance_uid=ids.sc_series_uid, series_number=ids.sc_series_number,
+        sop_instance_uid=ids.sc_sop_uid, instance_number=1, manufacturer=MANUFACTURER,
+        series_description=f"OCT anomaly heatmap ({model_label(result.model)})",
+        manufacturer_model_name=result.model.name, software_versions=model_label(result.model),
+        transfer_syntax_uid="1.2.840.10008.1.2.1")
+    if len(source.get("PatientOrientation") or ()) != 2:
+        # Type 2: a B-scan's lateral direction depends on the scan pattern, which the source did not state, so
+        # leave it empty rather than assert one (highdicom only takes a value, hence the placeholder above).
+        sc.PatientOrientation = ""
+    sc.BurnedInAnnotation = "NO"
+    sc.ImageComments = (f"{heatmap_name} heatmap over frame {frame_number} of {result.number_of_frames}; "
+                        f"score {result.score:.6g}, threshold {result.threshold:.6g}, "
+                        f"{'ABNORMAL' if result.is_anomalous else 'normal'}")
+    sc.DerivationDescription = f"Anomaly heatmap from {model_label(result.model)}"
+    sc.SourceImageSequence = [_frame_ref(source, frame_number)]
+    return sc
+
+
+def _orientation(source: Dataset) -> tuple[str, str]:
+    given = list(source.get("PatientOrientation") or ())
+    return (str(given[0]), str(given[1])) if len(given) == 2 else ("L", "P")
+
+
+def _frame_ref(source: Dataset, frame_number: int) -> Dataset:
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = source.SOPClassUID
+    ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    ref.ReferencedFrameNumber = frame_number
+    return ref

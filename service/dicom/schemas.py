@@ -1,0 +1,87 @@
+"""Response bodies of the DICOM paths: a scored DICOM object on `/score`, and the results resource of
+`/dicomweb/results`. They carry Study/Series/SOP Instance UIDs and never patient name, ID or birth date."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from service.schemas import HEATMAP_SCALE_DOC, ModelRef, TimingMs
+
+AGGREGATION_DOC = (
+    "Volume result = the most anomalous frame's: `score` is the maximum of the frames' primary scores (the minimum "
+    "for a model whose primary score is lower-when-anomalous), `max_frame` is that frame's index, and `scores`, "
+    "`percentile` and `is_anomalous` are that frame's. So the volume is anomalous exactly when at least one B-scan "
+    "is, and `max_frame` says where to look first."
+)
+
+
+class FrameScore(BaseModel):
+    index: int = Field(description="0-based frame index in the DICOM object")
+    frame_number: int = Field(description="DICOM frame number (index + 1), as in ReferencedFrameNumber")
+    score: float = Field(description="The manifest's primary score for this B-scan")
+    scores: dict[str, float]
+    is_anomalous: bool
+    percentile: float = Field(description="Where the score falls among normal calibration scans, 0–100")
+    heatmaps: dict[str, str] | None = Field(default=None, description=HEATMAP_SCALE_DOC)
+
+
+class VolumeScoreResult(BaseModel):
+    """`/score` answer for a DICOM upload: per-frame results plus the volume's (single-frame objects: one frame)."""
+
+    request_id: str
+    model: ModelRef
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    number_of_frames: int
+    aggregation: Literal["max"] = Field(default="max", description=AGGREGATION_DOC)
+    score: float = Field(description="Volume score: " + AGGREGATION_DOC)
+    scores: dict[str, float] = Field(description="Every score of the most anomalous frame")
+    threshold: float = Field(description="Decision threshold on the primary score (per frame and for the volume)")
+    is_anomalous: bool
+    percentile: float
+    max_frame: int = Field(description="0-based index of the most anomalous frame")
+    frames: list[FrameScore]
+    timing_ms: TimingMs
+
+
+class ResultInstance(BaseModel):
+    kind: Literal["sr", "sc"] = Field(description="sr: Structured Report with the scores; sc: heatmap overlay image")
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    url: str = Field(description="Download as application/dicom")
+
+
+class Delivery(BaseModel):
+    status: Literal["pending", "delivered", "failed", "local"] = Field(
+        description="pending: waiting for (another) STOW-RS attempt; delivered: the PACS accepted every instance; "
+                    "failed: the PACS refused them (not a network error) OCT_PACS_RETRY_MAX times; "
+                    "local: no OCT_PACS_STOW_URL configured, kept for download only")
+    attempts: int = 0
+    last_error: str | None = None
+    next_attempt_at: float | None = Field(default=None, description="Unix time of the next attempt when pending")
+    delivered_at: float | None = None
+
+
+class ResultRecord(BaseModel):
+    """One scored source instance: its scores, the result objects built for it and their delivery to the PACS."""
+
+    source_sop_instance_uid: str
+    study_instance_uid: str
+    created_at: float
+    result: VolumeScoreResult
+    instances: list[ResultInstance]
+    delivery: Delivery
+
+
+class ResultSummary(BaseModel):
+    source_sop_instance_uid: str
+    study_instance_uid: str
+    score: float
+    is_anomalous: bool
+    delivery_status: str
+    url: str

@@ -1,0 +1,44 @@
+"""App factory: settings → model engine → routers, middleware and error handlers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service import errors
+from service.engine import Engine
+from service.metrics import Metrics
+from service.middleware import BodyLimit, RequestContext
+from service.routes import dicomweb, health, metrics, models, score
+from service.settings import Settings
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    """`engine` is given when the caller loaded the model already (`python -m service` does, to fail fast)."""
+    settings = settings or Settings()
+    metrics_ = engine.metrics if engine is not None else Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        eng = engine or await asyncio.to_thread(Engine.load, settings, metrics_)
+        app.state.engine = eng
+        await eng.start()
+        yield
+        await eng.stop()  # uvicorn calls this after in-flight requests finished; the batcher drains what is left
+
+    app = FastAPI(title="OCT anomaly scoring", version="1", lifespan=lifespan,
+                  description="VQ-VAE anomaly scores, decisions and heatmaps for retinal OCT B-scans.")
+    app.state.settings = settings
+    app.state.metrics = metrics_
+    app.state.engine = None
+    errors.install(app)
+    for r in (score.router, models.router, health.router, metrics.router):
+        app.include_router(r)
+    app.include_router(dicomweb.router)  # STOW-RS ingest + results; its lifespan runs the PACS delivery worker
+    # Added last = outermost: every request gets an id and a metrics/audit record, even a refused upload.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestContext, metrics=metrics_)
+    return app

@@ -1,0 +1,171 @@
+"""DICOMweb: STOW-RS ingest (`POST /dicomweb/studies[/{study}]`) and the results resource (`/dicomweb/results`).
+
+STOW is synchronous: each instance is decoded, scored, and its SR + SC written to the outbox before the response
+names it in ReferencedSOPSequence, so "stored" means "scored and durable". Delivery of the results to the PACS
+(OCT_PACS_STOW_URL) runs in the background worker this router's lifespan starts. See docs/pacs.md for why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
+from fastapi.responses import FileResponse, JSONResponse
+
+from service.deps import EngineDep, require_api_key
+from service.dicom.decode import identify
+from service.dicom.delivery import DeliveryWorker, Outbox, PacsTarget
+from service.dicom.errors import DicomProblem, ResultNotFound
+from service.dicom.ingest import ingest
+from service.dicom.multipart import MultipartError, content_type_params, parse_related
+from service.dicom.results import is_uid
+from service.dicom.schemas import ResultRecord, ResultSummary
+from service.dicom.stow import DICOM_JSON, StowOutcome
+from service.errors import BadRequest, NotReady, Overloaded, UnsupportedMediaType, problem_responses
+
+log = logging.getLogger("oct.dicomweb")
+PROCESSING_FAILURE = 0x0110
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """The outbox and its delivery worker live as long as the app (merged into the app's lifespan by FastAPI)."""
+    settings = app.state.settings
+    outbox = await asyncio.to_thread(Outbox, settings.results_dir)
+    target = PacsTarget.from_settings(settings)
+    worker = DeliveryWorker(outbox, target) if target.url else None
+    task = asyncio.create_task(worker.run(), name="pacs-delivery") if worker else None
+    app.state.dicom_outbox, app.state.dicom_delivery = outbox, worker
+    log.info("results in %s; delivery to the PACS %s", settings.results_dir,
+             "enabled" if worker else "off (OCT_PACS_STOW_URL empty)")
+    try:
+        yield
+    finally:
+        if worker and task:
+            await worker.stop()
+            await task
+
+
+router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=[Depends(require_api_key)],
+                   lifespan=lifespan)
+
+
+def get_outbox(request: Request) -> Outbox:
+    outbox = getattr(request.app.state, "dicom_outbox", None)
+    if outbox is None:
+        raise NotReady("results store not open yet", headers={"Retry-After": "1"})
+    return outbox
+
+
+OutboxDep = Annotated[Outbox, Depends(get_outbox)]
+_STOW_BODY = {"requestBody": {"required": True, "content": {
+    'multipart/related; type="application/dicom"': {"schema": {"type": "string", "format": "binary"}}}}}
+_STOW_RESPONSES = {
+    200: {"description": "Every instance scored; results stored (and queued for the PACS)",
+          "content": {DICOM_JSON: {}}},
+    202: {"description": "Some instances scored, others listed in FailedSOPSequence", "content": {DICOM_JSON: {}}},
+    409: {"description": "No instance could be scored; reasons in FailedSOPSequence", "content": {DICOM_JSON: {}}},
+    **problem_responses(BadRequest, UnsupportedMediaType, Overloaded, NotReady),
+}
+
+
+@router.post("/studies", summary="STOW-RS: score DICOM instances", openapi_extra=_STOW_BODY,
+             responses=_STOW_RESPONSES, response_class=JSONResponse)
+async def stow(request: Request, engine: EngineDep, outbox: OutboxDep) -> JSONResponse:
+    return await _stow(request, engine, outbox, None)
+
+
+@router.post("/studies/{study}", summary="STOW-RS: score DICOM instances of one study", openapi_extra=_STOW_BODY,
+             responses=_STOW_RESPONSES, response_class=JSONResponse)
+async def stow_study(request: Request, engine: EngineDep, outbox: OutboxDep,
+                     study: Annotated[str, Path(description="Study Instance UID")]) -> JSONResponse:
+    if not is_uid(study):
+        raise BadRequest(f"{study!r} is not a UID")
+    return await _stow(request, engine, outbox, study)
+
+
+async def _stow(request: Request, engine: EngineDep, outbox: Outbox, study: str | None) -> JSONResponse:
+    media, params = content_type_params(request.headers.get("content-type", ""))
+    if media != "multipart/related" or params.get("type", "application/dicom").lower() != "application/dicom":
+        raise UnsupportedMediaType(f"STOW-RS takes multipart/related; type=\"application/dicom\", got "
+                                   f"{request.headers.get('content-type') or '(none)'!r}")
+    if not engine.ready:
+        raise NotReady(engine.not_ready_reason, headers={"Retry-After": str(engine.settings.retry_after_s)})
+    body = await request.body()
+    try:
+        parts = parse_related(body, params.get("boundary", ""))
+    except MultipartError as e:
+        raise BadRequest(f"malformed multipart/related body: {e}") from e
+    if not parts:
+        raise BadRequest("the multipart/related body has no parts")
+    base_url = str(request.base_url).rstrip("/")
+    worker: DeliveryWorker | None = request.app.state.dicom_delivery
+    outcome = StowOutcome()
+    for n, part in enumerate(parts, 1):
+        if part.media_type not in ("application/dicom", ""):
+            outcome.failed.append(("", "", 0xC000))
+            log.warning("STOW part %d refused: Content-Type %s", n, part.media_type)
+            continue
+        try:
+            record = await ingest(engine, outbox, part.body, base_url=base_url, study=study, deliver=worker is not None,
+                                  request_id=request.scope.get("oct.request_id"))
+        except DicomProblem as e:
+            sop_class, sop_uid = identify(part.body)
+            outcome.failed.append((sop_class, sop_uid, e.failure_reason))
+            log.warning("STOW part %d (%s) refused: %s: %s", n, sop_uid or "no UID", e.slug, e.detail)
+            continue
+        except (NotReady, Overloaded):
+            raise  # the whole request gets a 503 and the router retries; what was stored is stored idempotently
+        except Exception as e:  # a bug must cost one instance (reported as a processing failure), not a 500
+            sop_class, sop_uid = identify(part.body)
+            outcome.failed.append((sop_class, sop_uid, PROCESSING_FAILURE))
+            log.error("STOW part %d (%s) failed: %s: %s", n, sop_uid or "no UID", type(e).__name__, e, exc_info=e)
+            continue
+        r = record.result
+        url = f"{base_url}/dicomweb/results/{r.sop_instance_uid}"
+        outcome.stored.append((r.sop_class_uid, r.sop_instance_uid, url))
+        log.info("scored %s (%d frames): score %.6g, anomalous %s, max frame %d", r.sop_instance_uid,
+                 r.number_of_frames, r.score, r.is_anomalous, r.max_frame)
+        if worker is not None:
+            worker.notify()
+    audit = request.scope.setdefault("oct.audit", {})
+    audit.update(model=engine.manifest.name, model_version=engine.manifest.version, stored=len(outcome.stored),
+                 failed=len(outcome.failed))
+    return JSONResponse(outcome.to_json(), status_code=outcome.http_status, media_type=DICOM_JSON)
+
+
+@router.get("/results", response_model=list[ResultSummary], summary="Scored instances, oldest first")
+async def list_results(request: Request, outbox: OutboxDep,
+                       study_instance_uid: Annotated[str | None, Query()] = None,
+                       limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[ResultSummary]:
+    base = str(request.base_url).rstrip("/")
+    records = await asyncio.to_thread(outbox.records)
+    if study_instance_uid:
+        records = [r for r in records if r.study_instance_uid == study_instance_uid]
+    return [ResultSummary(source_sop_instance_uid=r.source_sop_instance_uid, study_instance_uid=r.study_instance_uid,
+                          score=r.result.score, is_anomalous=r.result.is_anomalous,
+                          delivery_status=r.delivery.status, url=f"{base}/dicomweb/results/{r.source_sop_instance_uid}")
+            for r in records[-limit:]]
+
+
+@router.get("/results/{sop_instance_uid}", response_model=ResultRecord, responses=problem_responses(ResultNotFound),
+            summary="Scores, result instances (SR, SC) and delivery status of one scored instance")
+async def get_result(outbox: OutboxDep, sop_instance_uid: str) -> ResultRecord:
+    record = await asyncio.to_thread(outbox.get, sop_instance_uid)
+    if record is None:
+        raise ResultNotFound(f"no result for SOP Instance UID {sop_instance_uid!r}")
+    return record
+
+
+@router.get("/results/{sop_instance_uid}/{kind}.dcm", response_class=FileResponse,
+            responses={200: {"content": {"application/dicom": {}}}, **problem_responses(ResultNotFound)},
+            summary="Download a result instance (sr: Structured Report, sc: heatmap overlay)")
+async def get_result_file(outbox: OutboxDep, sop_instance_uid: str, kind: Literal["sr", "sc"]) -> FileResponse:
+    path = outbox.file(sop_instance_uid, f"{kind}.dcm") if is_uid(sop_instance_uid) else None
+    if path is None:
+        raise ResultNotFound(f"no {kind} result for SOP Instance UID {sop_instance_uid!r}")
+    return FileResponse(path, media_type="application/dicom", filename=f"{sop_instance_uid}.{kind}.dcm")

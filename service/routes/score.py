@@ -1,0 +1,88 @@
+"""`POST /score`: one B-scan in (multipart `file` or a raw image body), scores, decision and heatmaps out."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from starlette.datastructures import UploadFile
+
+from service.deps import EngineDep, SettingsDep, require_api_key
+from service.dicom.decode import is_dicom
+from service.dicom.ingest import score_dicom_upload
+from service.dicom.schemas import VolumeScoreResult
+from service.errors import (
+    BadRequest,
+    DecompressionBomb,
+    ImageTooLarge,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    Unauthorized,
+    UndecodableImage,
+    UnsupportedImage,
+    UnsupportedMediaType,
+    problem_responses,
+)
+from service.imaging import DECODERS, Decoder, Limits, decoder_for_upload
+from service.schemas import ScoreResult
+from service.settings import Settings
+
+router = APIRouter(tags=["score"], dependencies=[Depends(require_api_key)])
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_REQUEST_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                       "properties": {"file": {"type": "string", "format": "binary"}}}},
+    **{t: _BINARY for t in ("image/png", "image/jpeg", "image/tiff", "image/bmp", "application/dicom")},
+}}}
+
+
+async def read_upload(request: Request, settings: Settings) -> tuple[bytes, Decoder]:
+    """The upload's bytes and the decoder for them; the body size limit is enforced while it streams in."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media == "multipart/form-data":
+        async with request.form(max_files=1, max_fields=16, max_part_size=settings.max_upload_bytes) as form:
+            file = form.get("file")
+            if not isinstance(file, UploadFile):
+                raise BadRequest("multipart body needs a file part named 'file'")
+            data = await file.read()
+        if not data:
+            raise BadRequest("the 'file' part is empty")
+        return data, decoder_for_upload(data)
+    decoder = DECODERS.get(media)
+    if decoder is None and media != "application/dicom":  # DICOM is decoded by service.dicom in score()
+        raise UnsupportedMediaType(f"Content-Type {media or '(none)'!r}; send multipart/form-data with a 'file' "
+                                   f"part, or a raw body of type {', '.join(sorted(DECODERS))}")
+    data = await request.body()
+    if not data:
+        raise BadRequest("empty request body")
+    return data, decoder
+
+
+@router.post(
+    "/score", response_model=ScoreResult | VolumeScoreResult, response_model_exclude_none=True,
+    openapi_extra=_REQUEST_BODY,
+    responses=problem_responses(BadRequest, Unauthorized, PayloadTooLarge, UnsupportedMediaType, UndecodableImage,
+                                ImageTooLarge, DecompressionBomb, UnsupportedImage, Overloaded, NotReady),
+    summary="Score one OCT B-scan",
+)
+async def score(
+    request: Request, engine: EngineDep, settings: SettingsDep,
+    heatmaps: Annotated[bool, Query(description="Return base64 PNG heatmaps (see ScoreResult.heatmaps)")] = True,
+) -> ScoreResult | VolumeScoreResult:
+    started = time.perf_counter()
+    request.scope["oct.audit"] = {"model": engine.manifest.name, "model_version": engine.manifest.version}
+    if not engine.ready:  # before reading the upload: a client should not send megabytes to be refused
+        raise NotReady(engine.not_ready_reason, headers={"Retry-After": str(settings.retry_after_s)})
+    data, decoder = await read_upload(request, settings)
+    if decoder is None or is_dicom(data):  # a DICOM object: per-frame + volume scores (service/dicom)
+        return await score_dicom_upload(request, engine, data, heatmaps=heatmaps, started=started)
+    limits = Limits(max_side=settings.max_image_side, max_pixels=settings.max_image_pixels)
+    gray = await engine.run_cpu(decoder, data, limits)
+    result = await engine.score_gray(gray, heatmaps=heatmaps, request_id=request.scope.get("oct.request_id"),
+                                     started=started)
+    request.scope["oct.audit"].update(score=result.score, is_anomalous=result.is_anomalous,
+                                      percentile=round(result.percentile, 2))
+    return result

@@ -1,0 +1,68 @@
+"""Response bodies (what `/docs` shows). Error bodies live in `service.errors.ProblemDetail`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+HEATMAP_SCALE_DOC = (
+    "Base64 PNG per score that has a map (8-bit gray; longer side = the model's input size; aspect ratio of the "
+    "scanned region after white margins are cropped). Pixel value v stands for map value v / 255 * map_scale, "
+    "with map_scale = calibration[<score>].map_scale from GET /models (a high percentile of that map on normal "
+    "validation scans): 255 means at or above what normal retinas reach. Omitted when heatmaps=false."
+)
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: int
+
+
+class TimingMs(BaseModel):
+    queue: float = Field(description="Waiting for a batch to start")
+    inference: float = Field(description="The batch's forward pass (shared by every image in it)")
+    total: float = Field(description="Request received → response ready (decode, queue, inference, heatmaps)")
+
+
+class ScoreResult(BaseModel):
+    request_id: str
+    model: ModelRef
+    score: float = Field(description="The manifest's primary score")
+    scores: dict[str, float] = Field(description="Every score the model emits (residual, alm, …)")
+    threshold: float = Field(description="Decision threshold on the primary score")
+    is_anomalous: bool
+    percentile: float = Field(description="Where the primary score falls among normal calibration scans, 0–100")
+    heatmaps: dict[str, str] | None = Field(default=None, description=HEATMAP_SCALE_DOC)
+    timing_ms: TimingMs
+
+
+class ScoreInfo(BaseModel):
+    description: str
+    map: str | None
+    higher_is_anomalous: bool
+    threshold: float
+    threshold_percentile: float
+    map_scale: float | None = Field(description="Map value that heatmap pixel 255 stands for")
+
+
+class ModelSummary(BaseModel):
+    name: str
+    version: int
+    device: str
+    format: str
+    sha256: str
+    torch_version: str
+    created: str
+    input_size: int
+    preprocessing: dict[str, Any]
+    maps: list[str]
+    primary_score: str
+    scores: dict[str, ScoreInfo]
+    max_batch_size: int
+    evaluation: dict[str, Any]
+
+
+class Health(BaseModel):
+    status: str
+    detail: str | None = None

@@ -1,0 +1,65 @@
+"""The service's one settings class: every knob comes from an `OCT_*` environment variable (or `.env`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OCT_", extra="ignore", protected_namespaces=())
+
+    # The model: <model_store>/<model_name>/<model_version>/{model.pt, manifest.json}.
+    model_store: Path = Path("model_store")
+    model_name: str = "oct-vqvae"
+    model_version: int | None = Field(default=None, description="None (unset) serves the highest version")
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    # 0 keeps torch's default; on a shared CPU host a small number stops inference starving the event loop.
+    torch_threads: int = Field(default=0, ge=0)
+    warmup: bool = True
+
+    # Dynamic batching.
+    max_batch_size: int = Field(default=16, ge=1, le=1024)
+    max_batch_delay_ms: float = Field(default=5.0, ge=0)
+    max_queue: int = Field(default=256, ge=1, description="Requests waiting for inference before 503")
+    retry_after_s: int = Field(default=1, ge=1)
+    cpu_workers: int = Field(default=4, ge=1, description="Threads that decode uploads and encode heatmaps")
+
+    # Input limits: bytes on the wire, then pixels after the header is read (before decoding).
+    max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    max_image_side: int = Field(default=8192, ge=16)
+    max_image_pixels: int = Field(default=40_000_000, ge=256)
+
+    # Comma-separated keys; empty leaves the API open. Health, readiness and metrics are always open.
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    log_format: Literal["json", "text"] = "json"
+    log_level: str = "INFO"
+
+    # PACS (DICOMweb) forwarding of results; used by service/dicom and routes/dicomweb.
+    pacs_stow_url: str = Field(default="", description="STOW-RS URL results are sent to; empty = not forwarded")
+    pacs_username: str = ""
+    pacs_password: str = Field(default="", repr=False)
+    # Bearer token for the PACS, instead of username/password.
+    pacs_token: str = Field(default="", repr=False)
+    pacs_timeout_s: float = Field(default=30.0, gt=0)
+    pacs_retry_max: int = Field(default=8, ge=0)
+    pacs_retry_backoff_s: float = Field(default=2.0, ge=0)
+    results_dir: Path = Path("results")
+
+    @field_validator("model_version", mode="before")
+    @classmethod
+    def _latest(cls, v: object) -> object:
+        return None if isinstance(v, str) and v.strip().lower() in ("", "latest") else v
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [k.strip() for k in v.split(",") if k.strip()]
+        return v

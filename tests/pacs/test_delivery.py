@@ -1,0 +1,155 @@
+"""The outbox and its STOW-RS delivery against a local HTTP endpoint that plays a PACS going down and coming back
+(the end-to-end tests do the same with a real Orthanc)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import http.server
+import io
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from oct_dicom import oct_dataset, phantom_frames
+
+from service.dicom.delivery import DeliveryWorker, Outbox, PacsTarget, dicom_bytes
+from service.dicom.multipart import content_type_params, parse_related
+from service.dicom.schemas import Delivery, ResultInstance, ResultRecord, VolumeScoreResult
+from service.schemas import ModelRef, TimingMs
+
+
+class Pacs(http.server.ThreadingHTTPServer):
+    """Answers the first `fail_first` STOW requests with `fail_status`, then 200; records what it got."""
+
+    def __init__(self, fail_first: int = 0, fail_status: int = 503) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.fail_first, self.fail_status = fail_first, fail_status
+        self.requests: list[tuple[dict, list[pydicom.Dataset]]] = []
+        self.stored: list[pydicom.Dataset] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/dicom-web/studies"
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: Pacs
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        _, params = content_type_params(self.headers["Content-Type"])
+        datasets = [pydicom.dcmread(io.BytesIO(p.body)) for p in parse_related(body, params["boundary"])]
+        self.server.requests.append((dict(self.headers), datasets))
+        status = self.server.fail_status if len(self.server.requests) <= self.server.fail_first else 200
+        if status == 200:
+            self.server.stored.extend(datasets)
+        out = json.dumps({}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def pacs_factory() -> Iterator:
+    servers: list[Pacs] = []
+
+    def make(**kw: int) -> Pacs:
+        s = Pacs(**kw)
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+        servers.append(s)
+        return s
+
+    yield make
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+def _record(outbox: Outbox, uid: str) -> None:
+    ds = oct_dataset(phantom_frames(1, 32, 32))
+    ds.SOPInstanceUID = uid
+    result = VolumeScoreResult(
+        request_id="r", model=ModelRef(name="m", version=1), study_instance_uid=ds.StudyInstanceUID,
+        series_instance_uid=ds.SeriesInstanceUID, sop_instance_uid=uid, sop_class_uid=ds.SOPClassUID,
+        number_of_frames=1, score=1.0, scores={"a": 1.0}, threshold=0.5, is_anomalous=True, percentile=99.0,
+        max_frame=0, frames=[], timing_ms=TimingMs(queue=0, inference=0, total=0))
+    inst = ResultInstance(kind="sr", sop_class_uid=ds.SOPClassUID, sop_instance_uid=uid,
+                          series_instance_uid=ds.SeriesInstanceUID, url="u")
+    outbox.put(ResultRecord(source_sop_instance_uid=uid, study_instance_uid=ds.StudyInstanceUID,
+                            created_at=time.time(), result=result, instances=[inst],
+                            delivery=Delivery(status="pending")), {"sr.dcm": dicom_bytes(ds)})
+
+
+async def _run_until(worker: DeliveryWorker, done, timeout: float = 20.0) -> None:
+    task = asyncio.create_task(worker.run())
+    try:
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert time.monotonic() < deadline, "delivery did not finish in time"
+            await asyncio.sleep(0.05)
+    finally:
+        await worker.stop()
+        await task
+
+
+def test_outbox_put_is_atomic_and_replaces(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path)
+    _record(outbox, "1.2.3")
+    _record(outbox, "1.2.3")
+    assert [r.source_sop_instance_uid for r in outbox.records()] == ["1.2.3"]
+    assert not list(tmp_path.glob(".tmp-*"))
+    (tmp_path / ".tmp-crashed").mkdir()  # what a crash mid-write leaves behind
+    assert [r.source_sop_instance_uid for r in Outbox(tmp_path).records()] == ["1.2.3"]
+    assert not (tmp_path / ".tmp-crashed").exists()
+    assert outbox.get("../etc") is None and outbox.get("1.2.4") is None
+
+
+def test_retries_with_backoff_until_the_pacs_accepts(tmp_path: Path, pacs_factory) -> None:
+    pacs = pacs_factory(fail_first=2, fail_status=503)
+    outbox = Outbox(tmp_path)
+    _record(outbox, "1.2.3")
+    target = PacsTarget(url=pacs.url, username="oct", password="s3cret", backoff_s=0.1, retry_max=1)
+    asyncio.run(_run_until(DeliveryWorker(outbox, target), lambda: outbox.get("1.2.3").delivery.status == "delivered"))
+    d = outbox.get("1.2.3").delivery
+    assert d.attempts == 3 and d.last_error is None  # 503 is transient: retried past retry_max
+    assert len(pacs.requests) == 3 and pacs.stored[0].SOPInstanceUID == "1.2.3"
+    headers = pacs.requests[0][0]
+    assert headers["Authorization"] == "Basic " + base64.b64encode(b"oct:s3cret").decode()
+    assert headers["Content-Type"].startswith("multipart/related")
+
+
+def test_pacs_down_then_back_and_restart_loses_nothing(tmp_path: Path, pacs_factory) -> None:
+    outbox = Outbox(tmp_path)
+    _record(outbox, "1.2.3")
+    dead = PacsTarget(url="http://127.0.0.1:9/dicom-web/studies", backoff_s=0.05, timeout_s=2)  # nothing listens
+    asyncio.run(_run_until(DeliveryWorker(outbox, dead), lambda: outbox.get("1.2.3").delivery.attempts >= 2))
+    d = outbox.get("1.2.3").delivery
+    assert d.status == "pending" and "Connect" in (d.last_error or "")
+    # "Restart": a new outbox and worker on the same folder, the PACS now up, token auth.
+    pacs = pacs_factory()
+    outbox2 = Outbox(tmp_path)
+    worker = DeliveryWorker(outbox2, PacsTarget(url=pacs.url, token="tok", backoff_s=0.05))
+    # The restarted worker must not wait out the old backoff forever: it was set in the past few ms anyway.
+    asyncio.run(_run_until(worker, lambda: outbox2.get("1.2.3").delivery.status == "delivered"))
+    assert pacs.requests[0][0]["Authorization"] == "Bearer tok"
+
+
+def test_refusal_is_given_up_after_retry_max(tmp_path: Path, pacs_factory) -> None:
+    pacs = pacs_factory(fail_first=100, fail_status=400)
+    outbox = Outbox(tmp_path)
+    _record(outbox, "1.2.3")
+    target = PacsTarget(url=pacs.url, backoff_s=0.02, retry_max=3)
+    asyncio.run(_run_until(DeliveryWorker(outbox, target), lambda: outbox.get("1.2.3").delivery.status == "failed"))
+    d = outbox.get("1.2.3").delivery
+    assert d.attempts == 3 and "HTTP 400" in d.last_error
+    assert (tmp_path / "1.2.3" / "sr.dcm").is_file()  # still downloadable

@@ -1,0 +1,37 @@
+"""Heatmap PNGs: size follows the crop box, pixel values follow the documented map_scale."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+from PIL import Image
+
+from service.heatmaps import heatmap_size, render, render_all
+
+
+def test_size_keeps_the_crop_box_aspect_ratio() -> None:
+    assert heatmap_size((0, 0, 512, 496), 64) == (64, 62)
+    assert heatmap_size((10, 20, 110, 420), 64) == (16, 64)
+    assert heatmap_size((0, 0, 1536, 496), 256) == (256, 83)
+    assert heatmap_size((0, 0, 5, 5), 64) == (64, 64)
+
+
+def test_values_are_map_over_map_scale_clipped() -> None:
+    m = np.tile(np.linspace(0.0, 2.0, 64, dtype=np.float32), (64, 1))[None]  # (1, 64, 64), 0 → 2 left to right
+    png = Image.open(io.BytesIO(render(m, 1.0, (0, 0, 100, 100))))
+    assert png.format == "PNG" and png.mode == "L" and png.size == (64, 64)
+    v = np.asarray(png)
+    np.testing.assert_allclose(v[0, :20], np.rint(np.linspace(0, 2, 64)[:20] * 255), atol=2)
+    assert v[:, -10:].min() == 255 and v[:, 0].max() == 0  # over map_scale saturates, zero stays black
+    half = np.asarray(Image.open(io.BytesIO(render(m * 0 + 0.25, 0.5, (0, 0, 10, 10)))))
+    assert np.all(half == 128)
+
+
+def test_render_all_returns_base64_png_per_score() -> None:
+    maps = {"residual": np.zeros((1, 32, 32), np.float32), "alm": np.ones((1, 32, 32), np.float32)}
+    out = render_all(maps, {"residual": 1.0, "alm": 2.0}, (0, 0, 60, 30))
+    assert set(out) == {"residual", "alm"}
+    alm = Image.open(io.BytesIO(base64.b64decode(out["alm"])))
+    assert alm.size == (32, 16) and np.all(np.asarray(alm) == 128)
