@@ -47,7 +47,8 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd or ROOT, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
     if proc.returncode != 0:
-        pytest.fail(f"python -m {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        pytest.fail(f"python -m {' '.join(args)} exited {proc.returncode}\n"
+                    f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc.stdout + proc.stderr
 
 
@@ -61,5 +62,6 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     run_dir = next(p for p in sorted(runs.iterdir()) if p.is_dir())
     ckpt = next(run_dir.glob("best-*.ckpt"))
     store = base / "store"
-    run_cli("training.export", "--model_dir", str(ckpt), "--model_store", str(store), "--name", "tiny", "--version", "1")
+    run_cli("training.export", "--model_dir", str(ckpt), "--model_store", str(store), "--name", "tiny",
+            "--version", "1")
     return TinyModel(data_root=data, run_dir=run_dir, ckpt=ckpt, store=store, name="tiny", version=1)
