@@ -29,7 +29,8 @@ class Settings(BaseSettings):
     cpu_workers: int = Field(default=4, ge=1, description="Threads that decode uploads and encode heatmaps")
 
     # Input limits: bytes on the wire, then pixels after the header is read (before decoding).
-    max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    # Large enough for a whole OCT volume (128 B-scans of 512×496 at 16 bits is 65 MB) in one DICOM upload.
+    max_upload_bytes: int = Field(default=128 * 1024 * 1024, ge=1024)
     max_image_side: int = Field(default=8192, ge=16)
     max_image_pixels: int = Field(default=40_000_000, ge=256)
 
