@@ -4,6 +4,7 @@ same command-line entry points a user runs, so every downstream test exercises r
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -27,6 +28,11 @@ TINY_TRAIN_ARGS = [
 ]
 
 
+# A prior small enough to add seconds, not minutes: a few layers, a few epochs over the tiny run's 32×32 code grids.
+TINY_PRIOR_ARGS = ["--epochs", "3", "--batch_size", "16", "--n_layers", "4", "--n_channels", "32",
+                   "--learning_rate", "3e-3", "--device", "cpu", "--seed", "0"]
+
+
 @dataclass(frozen=True)
 class TinyModel:
     data_root: Path
@@ -47,8 +53,8 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd or ROOT, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
     if proc.returncode != 0:
-        pytest.fail(f"python -m {' '.join(args)} exited {proc.returncode}\n"
-                    f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        pytest.fail(f"python -m {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
+                    f"{proc.stderr[-3000:]}")
     return proc.stdout + proc.stderr
 
 
@@ -65,3 +71,18 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     run_cli("training.export", "--model_dir", str(ckpt), "--model_store", str(store), "--name", "tiny",
             "--version", "1")
     return TinyModel(data_root=data, run_dir=run_dir, ckpt=ckpt, store=store, name="tiny", version=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_prior_model(tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    """`tiny_model`'s run, copied (the original stays prior-free), with a tiny latent prior trained by
+    `training.train_prior` and exported with it into a store of its own."""
+    base = tmp_path_factory.mktemp("tiny-prior")
+    run_dir = base / "runs" / tiny_model.run_dir.name
+    shutil.copytree(tiny_model.run_dir, run_dir)
+    ckpt = run_dir / tiny_model.ckpt.name
+    run_cli("training.train_prior", "--model_dir", str(ckpt), *TINY_PRIOR_ARGS)
+    store = base / "store"
+    run_cli("training.export", "--model_dir", str(ckpt), "--model_store", str(store), "--name", "tiny",
+            "--version", "1")
+    return TinyModel(data_root=tiny_model.data_root, run_dir=run_dir, ckpt=ckpt, store=store, name="tiny", version=1)

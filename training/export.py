@@ -3,7 +3,9 @@
     python -m training.export --model_dir saved_models/<run>/best-*.ckpt --model_store model_store --name oct-vqvae
 
 Writes `<model_store>/<name>/<version>/{model.pt, manifest.json}`; the version folder appears atomically (built
-beside it, then renamed), so a service watching the store never sees half an export.
+beside it, then renamed), so a service watching the store never sees half an export. When the run has a latent prior
+(`<run>/prior/`, from `training.train_prior`), the scorer includes it: outputs `nll_map`, `nll` and `combined`
+(`--no_prior` leaves it out; `--restore_samples N` adds prior restoration, off by default because it is slow).
 """
 
 from __future__ import annotations
@@ -34,9 +36,24 @@ from octcore.manifest import (
 from octcore.preprocess import Preprocessing
 from training.checkpoint import load_checkpoint
 from training.data import CLASSES, DataError, list_images, load_image, resolve_data_root
-from training.evaluate import calibrate, score_files, separation
+from training.evaluate import ScoredSet, calibrate, score_files, separation
 from training.model import VQVAE
-from training.scorer import MAPS, SCORE_DESCRIPTIONS, SCORE_MAPS, Scorer
+from training.prior import GatedPixelCNN, find_prior_checkpoint, load_prior_checkpoint
+from training.scorer import (
+    COMBINED_OF,
+    MAPS,
+    PRIOR_MAPS,
+    PRIOR_SCORE_DESCRIPTIONS,
+    PRIOR_SCORE_MAPS,
+    RESTORE_MAPS,
+    RESTORE_SCORE_DESCRIPTIONS,
+    RESTORE_SCORE_MAPS,
+    SCORE_DESCRIPTIONS,
+    SCORE_MAPS,
+    PriorScorer,
+    Scorer,
+    zscore_mean,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--primary_score", default=None, help="default: the best held-out AUROC (see manifest evaluation)")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    add_prior_args(p)
     return p
+
+
+def add_prior_args(p: argparse.ArgumentParser) -> None:
+    """Prior options shared by export and inference."""
+    p.add_argument("--no_prior", action="store_true", help="leave the run's latent prior (<run>/prior/) out")
+    # 5 %, not the pixel maps' 1 %: on the phantom it separated best (held-out AUROC 0.78 vs 0.75; docs/prior.md).
+    p.add_argument("--nll_top_fraction", type=float, default=0.05,
+                   help="fraction of latent positions whose NLL is averaged into the nll score")
+    p.add_argument("--restore_samples", type=int, default=0,
+                   help="prior restorations per image (0 = off: one prior pass per resampled code, slow)")
+    p.add_argument("--restore_max_positions", type=int, default=64,
+                   help="restoration redraws at most this many of each image's highest-NLL codes")
 
 
 def resolve_checkpoint(model_dir: str) -> Path:
@@ -66,13 +96,73 @@ def resolve_checkpoint(model_dir: str) -> Path:
     return p
 
 
-def build_scorer(ckpt: dict, top_fraction: float) -> tuple[Scorer, dict[str, ScoreSpec], list[str]]:
-    """The eager scorer plus the score and map definitions the manifest declares for it."""
+def build_scorer(ckpt: dict, top_fraction: float, use_prior: bool = True, restore_samples: int = 0,
+                 restore_max_positions: int = 64, nll_top_fraction: float = 0.05,
+                 ) -> tuple[Scorer | PriorScorer, dict[str, ScoreSpec], list[str]]:
+    """The eager scorer plus the score and map definitions the manifest declares for it. Includes the run's latent
+    prior when it has one (and `use_prior`); its `combined` score needs `fit_combined` before it means anything."""
     model = VQVAE.from_checkpoint(ckpt)
     scorer = Scorer(model, top_fraction).eval()
     specs = {k: ScoreSpec(description=SCORE_DESCRIPTIONS[k].format(top=top_fraction), map=SCORE_MAPS[k])
              for k in SCORE_MAPS}
-    return scorer, specs, list(MAPS)
+    prior_path = find_prior_checkpoint(Path(ckpt["path"])) if use_prior and "path" in ckpt else None
+    if prior_path is None:
+        return scorer, specs, list(MAPS)
+    if restore_samples < 0 or restore_max_positions < 1 or not 0 < nll_top_fraction <= 1:
+        raise SystemExit("error: --restore_samples must be >= 0, --restore_max_positions >= 1 and "
+                         "--nll_top_fraction in (0, 1]")
+    pckpt = load_prior_checkpoint(prior_path, ckpt)
+    threshold = float(pckpt["position_nll"]["threshold"])
+    prior_scorer = PriorScorer(scorer, GatedPixelCNN.from_checkpoint(pckpt), threshold, nll_top_fraction,
+                               restore_samples, restore_max_positions).eval()
+    of = ", ".join(COMBINED_OF)
+    specs |= {k: ScoreSpec(description=d.format(nll_top=nll_top_fraction, of=of), map=PRIOR_SCORE_MAPS.get(k))
+              for k, d in PRIOR_SCORE_DESCRIPTIONS.items()}
+    maps = [*MAPS, *PRIOR_MAPS]
+    if restore_samples > 0:
+        specs |= {k: ScoreSpec(description=d.format(top=top_fraction, n=restore_samples, thr=threshold,
+                                                   max_pos=restore_max_positions), map=RESTORE_SCORE_MAPS[k])
+                  for k, d in RESTORE_SCORE_DESCRIPTIONS.items()}
+        maps += RESTORE_MAPS
+    return prior_scorer, specs, maps
+
+
+def prior_summary(scorer: Scorer | PriorScorer, ckpt: dict) -> dict | None:
+    """What the manifest records about the prior: where it came from, its shape, its fit and its thresholds."""
+    if not isinstance(scorer, PriorScorer):
+        return None
+    pckpt = load_prior_checkpoint(find_prior_checkpoint(Path(ckpt["path"])), ckpt)
+    state = pckpt["state"]
+    return {"checkpoint": pckpt["path"], "prior_config": pckpt["prior_config"], "epoch": state["epoch"],
+            "best_epoch": state["best_epoch"], "best_val_nll": state["best_val"],
+            "position_nll": {k: v for k, v in pckpt["position_nll"].items() if k != "percentiles"},
+            "nll_top_fraction": scorer.nll_top_fraction, "restore_samples": scorer.restore_samples,
+            "restore_max_positions": scorer.restore_max_positions,
+            "combined_of": list(COMBINED_OF)}
+
+
+def fit_combined(scorers: list[torch.nn.Module], normal: ScoredSet) -> None:
+    """Give `combined` its normal statistics (the calibration images' mean and std of each score it combines), in
+    every copy of the scorer (eager and scripted), then fill in the calibration images' own `combined` with the
+    same function the scorer runs."""
+    mean = torch.tensor([float(normal.scores[k].mean()) for k in COMBINED_OF])
+    # Floor: a score that is constant on normals (float noise only) must not turn that noise into huge z-scores.
+    std = torch.maximum(torch.tensor([float(normal.scores[k].std()) for k in COMBINED_OF]), 1e-6 * mean.abs())
+    std = std.clamp_min(1e-12)
+    for s in scorers:
+        s.normal_mean.copy_(mean)
+        s.normal_std.copy_(std)
+    normal.scores["combined"] = zscore_mean([torch.from_numpy(normal.scores[k]).float() for k in COMBINED_OF],
+                                            mean, std).numpy()
+
+
+def calibration_files(ckpt: dict, oct_root: Path) -> list[Path]:
+    """The run's own normal validation images (never seen by the optimiser, never the test set)."""
+    files = [oct_root / f for f in ckpt["val_files"]] or [oct_root / f for f in ckpt["train_files"][-8:]]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise SystemExit(f"error: {len(missing)} validation images are missing under {oct_root}, e.g. {missing[0]}")
+    return files
 
 
 def choose_primary(evaluation: dict[str, dict], specs: dict[str, ScoreSpec], requested: str | None) -> str:
@@ -105,20 +195,20 @@ def main(argv: list[str] | None = None) -> int:
     if final.exists():
         raise SystemExit(f"error: {final} already exists; model versions are immutable — pick another --version")
 
-    scorer, specs, maps = build_scorer(ckpt, args.top_fraction)
+    scorer, specs, maps = build_scorer(ckpt, args.top_fraction, not args.no_prior, args.restore_samples,
+                                       args.restore_max_positions, args.nll_top_fraction)
     scorer = scorer.to(device)
     with warnings.catch_warnings():  # TorchScript is deprecated upstream but is the artifact our users asked for
         warnings.simplefilter("ignore", FutureWarning)
         scripted = torch.jit.script(scorer)
 
     # Calibrate on the run's own normal validation images: never seen by the optimiser, never the test set.
-    val_files = [oct_root / f for f in ckpt["val_files"]] or [oct_root / f for f in ckpt["train_files"][-8:]]
-    missing = [f for f in val_files if not f.is_file()]
-    if missing:
-        raise SystemExit(f"error: {len(missing)} validation images are missing under {oct_root}, e.g. {missing[0]}")
+    val_files = calibration_files(ckpt, oct_root)
     score_names, map_names = list(specs), [s.map for s in specs.values() if s.map]
     normal = score_files(scripted, val_files, prep, score_names, map_names, args.batch_size, device,
                          desc="calibrating")
+    if "combined" in specs:
+        fit_combined([scorer, scripted], normal)
     calibration = {k: calibrate(normal.scores[k], args.threshold_percentile, normal.map_samples.get(specs[k].map))
                    for k in score_names}
 
@@ -133,11 +223,15 @@ def main(argv: list[str] | None = None) -> int:
     # The scripted module must agree with the eager one it came from.
     with torch.no_grad():
         probe = torch.from_numpy(load_image(val_files[0], prep))[None, None]
-        eager, script_out = scorer(probe.to(device)), scripted(probe.to(device))
+        torch.manual_seed(0)  # restoration draws codes: the same seed must give both the same draws
+        eager = scorer(probe.to(device))
+        torch.manual_seed(0)
+        script_out = scripted(probe.to(device))
     for k in [*score_names, *map_names]:
         if not torch.allclose(eager[k], script_out[k], atol=1e-5, rtol=1e-4):
             raise SystemExit(f"error: scripted and eager scorer disagree on {k}")
 
+    prior = prior_summary(scorer, ckpt)
     store.mkdir(parents=True, exist_ok=True)
     (store / args.name).mkdir(exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=store / args.name))
@@ -148,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             input=InputSpec(size=prep.size), preprocessing=prep.to_dict(), maps=maps, scores=specs,
             primary_score=primary, calibration=calibration,
-            training=training_summary(ckpt, ckpt_path),
+            training=training_summary(ckpt, ckpt_path) | ({"prior": prior} if prior else {}),
             evaluation={"held_out": evaluation, "primary_score_rule": "highest AUROC: normal validation vs abnormal "
                         "train scans" if args.primary_score is None else "given by --primary_score"},
         )

@@ -4,7 +4,8 @@
 
 Writes `<run>/inference/`: per-image scores (scores.csv), metrics.json (AUROC/AUPRC NORMAL-vs-rest and each disease
 vs NORMAL for every score), one figure grid per category (input, reconstruction, ALM, residual), ROC curves and score
-histograms; prints the table.
+histograms; prints the table. When the run has a latent prior (`<run>/prior/`), its NLL map joins the grids and `nll`
+and `combined` join the table, exactly as `training.export` would serve them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from training.checkpoint import load_checkpoint
 from training.data import CLASSES, DataError, list_images, resolve_data_root
 from training.device import pick_device
 from training.evaluate import roc, score_files, separation
-from training.export import build_scorer, resolve_checkpoint
+from training.export import add_prior_args, build_scorer, calibration_files, fit_combined, resolve_checkpoint
 from training.plots import plot_grid, plot_histograms, plot_roc
 
 
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", type=int, default=4, help="images per category in the figure grids")
     p.add_argument("--top_fraction", type=float, default=0.01, help="fraction of each map averaged into its score")
     p.add_argument("--output", default=None, help="default: <run>/inference")
+    add_prior_args(p)
     return p
 
 
@@ -69,10 +71,15 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {oct_root}/{args.split} needs NORMAL and at least one disease folder with images")
     device = pick_device(args.device)
     prep = Preprocessing.from_dict(ckpt["preprocessing"])
-    scorer, specs, _ = build_scorer(ckpt, args.top_fraction)
+    scorer, specs, _ = build_scorer(ckpt, args.top_fraction, not args.no_prior, args.restore_samples,
+                                    args.restore_max_positions, args.nll_top_fraction)
     scorer = scorer.to(device)
     score_names = list(specs)
     map_names = [s.map for s in specs.values() if s.map]
+    if "combined" in specs:  # its normal statistics come from the calibration images, as in export
+        normal = score_files(scorer, calibration_files(ckpt, oct_root), prep, [k for k in score_names
+                             if k != "combined"], [], args.batch_size, device, args.num_workers, desc="normal stats")
+        fit_combined([scorer], normal)
     out_dir = Path(args.output) if args.output else ckpt_path.parent / "inference"
     out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -1,0 +1,188 @@
+"""Train the gated PixelCNN prior on a VQ-VAE run's latent codes.
+
+    python -m training.train_prior --model_dir saved_models/<run>/best-*.ckpt --epochs 50
+
+Straight line: arguments → the run's code grids (its own train/val split) → prior → loop (train, validate, checkpoint,
+log) → per-position NLL calibration. Writes `<run>/prior/`: `best-epoch=NN-val_nll=X.ckpt`, `last.ckpt`,
+`config.yaml`, `metrics.csv`; `training.export` and `training.inference` find it from the VQ-VAE checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
+
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.device import pick_device
+from training.export import resolve_checkpoint
+from training.prior import PRIOR_DIR, GatedPixelCNN, PriorConfig, codebook_fingerprint
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.train_prior", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model_dir", required=True, help="VQ-VAE checkpoint (best-*.ckpt) or its run folder")
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--n_layers", type=int, default=15)
+    p.add_argument("--n_channels", type=int, default=64)
+    p.add_argument("--kernel_size", type=int, default=3)
+    p.add_argument("--patience", type=int, default=5, help="early stopping: epochs without val improvement")
+    p.add_argument("--min_delta", type=float, default=1e-4, help="early stopping: smallest val NLL gain that counts")
+    p.add_argument("--position_percentile", type=float, default=99.0,
+                   help="per-position NLL threshold = this percentile of normal validation positions (restoration)")
+    p.add_argument("--device", choices=["gpu", "cuda", "cpu"], default="gpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_workers", type=int, default=0)
+    return p
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    checks = [
+        (args.epochs > 0 and args.batch_size > 0, "--epochs and --batch_size must be positive"),
+        (args.n_layers > 0 and args.n_channels > 0, "--n_layers and --n_channels must be positive"),
+        (args.kernel_size >= 3 and args.kernel_size % 2 == 1, "--kernel_size must be odd and at least 3"),
+        (args.learning_rate > 0, "--learning_rate must be positive"),
+        (0 < args.position_percentile < 100, "--position_percentile must be in (0, 100)"),
+        (args.num_workers >= 0, "--num_workers must be >= 0"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise SystemExit(f"error: {msg}")
+
+
+def load_codes(run_dir: Path, split: str, n_embeddings: int) -> torch.Tensor:
+    """`<run>/latent/<split>_codes.npy` (N, H, W) int16 → long tensor; exits with a message when absent or foreign."""
+    path = run_dir / "latent" / f"{split}_codes.npy"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} does not exist; training.train writes latent/ at the end of a run")
+    codes = np.load(path)
+    if codes.size and (codes.ndim != 3 or codes.min() < 0 or codes.max() >= n_embeddings):
+        raise SystemExit(f"error: {path} does not hold (N, H, W) code grids in [0, {n_embeddings})")
+    return torch.from_numpy(codes.astype(np.int64))
+
+
+def run_epoch(prior: GatedPixelCNN, loader: DataLoader, device: torch.device, opt: torch.optim.Optimizer | None,
+              desc: str) -> dict[str, float]:
+    """One pass; trains when `opt` is given. Returns the mean NLL per position (nats) and throughput."""
+    train = opt is not None
+    prior.train(train)
+    total, n_pos, n, t0 = 0.0, 0, 0, time.perf_counter()
+    bar = tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True, file=sys.stderr)
+    for (codes,) in bar:
+        codes = codes.to(device, non_blocking=True)
+        with torch.set_grad_enabled(train):
+            loss = F.cross_entropy(prior(codes), codes)
+        if train:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        total += float(loss.detach()) * codes.numel()
+        n_pos += codes.numel()
+        n += codes.shape[0]
+        bar.set_postfix(nll=f"{total / n_pos:.4f}")
+    seconds = time.perf_counter() - t0
+    return {"nll": total / max(n_pos, 1), "grids_per_s": n / max(seconds, 1e-9), "seconds": seconds}
+
+
+@torch.no_grad()
+def position_nlls(prior: GatedPixelCNN, codes: torch.Tensor, batch_size: int, device: torch.device) -> np.ndarray:
+    prior.eval()
+    parts = [prior.nll(codes[i:i + batch_size].to(device)).flatten().cpu() for i in range(0, len(codes), batch_size)]
+    return torch.cat(parts).numpy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    validate_args(args)
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+
+    # Data: the code grids the run wrote for its own train/val split; the prior never sees another split.
+    vq_path = resolve_checkpoint(args.model_dir)
+    vq = load_checkpoint(vq_path)
+    run_dir = vq_path.parent
+    k = int(vq["model_config"]["n_embeddings"])
+    train_codes, val_codes = load_codes(run_dir, "train", k), load_codes(run_dir, "val", k)
+    if len(train_codes) == 0:
+        raise SystemExit(f"error: {run_dir}/latent/train_codes.npy holds no code grids")
+    if len(val_codes) == 0:  # a run without a validation split: early-stop on a few training grids, say so
+        print("warning: the run has no validation codes; validating on the last training grids", file=sys.stderr)
+        val_codes = train_codes[-max(1, len(train_codes) // 10):]
+    train_loader = DataLoader(TensorDataset(train_codes), batch_size=args.batch_size, shuffle=True,
+                              num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed))
+    val_loader = DataLoader(TensorDataset(val_codes), batch_size=args.batch_size, num_workers=args.num_workers)
+    print(f"codes: {run_dir}/latent | train {tuple(train_codes.shape)} | val {tuple(val_codes.shape)} | "
+          f"{k} codes | device {device}", flush=True)
+
+    cfg = PriorConfig(n_embeddings=k, n_layers=args.n_layers, n_channels=args.n_channels,
+                      kernel_size=args.kernel_size)
+    prior = GatedPixelCNN(cfg).to(device)
+    opt = torch.optim.Adam(prior.parameters(), lr=args.learning_rate)
+    out_dir = run_dir / PRIOR_DIR
+    out_dir.mkdir(exist_ok=True)
+    config = {"train_config": vars(args) | {"model_dir": str(vq_path)}, "prior_config": cfg.to_dict(),
+              "vqvae_checkpoint": str(vq_path), "codebook_sha256": codebook_fingerprint(vq)}
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    state = {"epoch": 0, "best_val": math.inf, "best_epoch": -1, "bad_epochs": 0, "history": []}
+
+    def checkpoint() -> dict:
+        return {**config, "model": prior.state_dict(), "optimizer": opt.state_dict(), "state": state}
+
+    for epoch in range(1, args.epochs + 1):
+        tr = run_epoch(prior, train_loader, device, opt, f"prior epoch {epoch}/{args.epochs} train")
+        va = run_epoch(prior, val_loader, device, None, f"prior epoch {epoch}/{args.epochs} val")
+        improved = va["nll"] < state["best_val"] - args.min_delta
+        state["history"].append({"epoch": epoch, **{f"train_{k}": v for k, v in tr.items()},
+                                 **{f"val_{k}": v for k, v in va.items()}})
+        state["epoch"] = epoch
+        state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
+        print(f"epoch {epoch:3d} | train nll {tr['nll']:.4f} | val nll {va['nll']:.4f} nats/position "
+              f"({va['nll'] / math.log(2):.3f} bits) | {tr['grids_per_s']:.0f} grids/s{' *' if improved else ''}",
+              flush=True)
+        if improved:
+            state["best_val"], state["best_epoch"] = va["nll"], epoch
+            for old in out_dir.glob("best-*.ckpt"):
+                old.unlink()
+            save_checkpoint(checkpoint(), out_dir / f"best-epoch={epoch:02d}-val_nll={va['nll']:.4f}.ckpt")
+        save_checkpoint(checkpoint(), out_dir / "last.ckpt")
+        write_metrics(out_dir, state["history"])
+        if state["bad_epochs"] >= args.patience:
+            print(f"early stop: no val NLL improvement > {args.min_delta} for {args.patience} epochs", flush=True)
+            break
+
+    # Per-position NLL of normal validation codes under the best prior: the threshold restoration resamples above.
+    best_path = next(out_dir.glob("best-*.ckpt"))
+    best = torch.load(best_path, map_location="cpu", weights_only=False)
+    prior.load_state_dict(best["model"])
+    nlls = position_nlls(prior, val_codes, args.batch_size, device)
+    best["position_nll"] = {"percentiles": [float(v) for v in np.percentile(nlls, np.arange(101))],
+                            "threshold_percentile": args.position_percentile,
+                            "threshold": float(np.percentile(nlls, args.position_percentile))}
+    save_checkpoint(best, best_path)
+    print(f"best epoch {state['best_epoch']} val nll {state['best_val']:.4f} | position threshold "
+          f"{best['position_nll']['threshold']:.3f} nats (p{args.position_percentile:g}) → {best_path}", flush=True)
+    return 0
+
+
+def write_metrics(out_dir: Path, history: list[dict]) -> None:
+    with open(out_dir / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
