@@ -3,6 +3,7 @@ evaluation, export and the prior rebuild everything from the checkpoint alone.""
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -16,8 +17,10 @@ def save_checkpoint(ckpt: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load `path`, or `<path>/last.ckpt` when given a run folder. Exits with a message when it is not a checkpoint."""
+def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = ("model_config", "model"),
+                    kind: str = "VQ-VAE") -> dict:
+    """Load `path`, or `<path>/last.ckpt` when given a run folder. Exits with a message when it is not a checkpoint
+    holding the `required` keys."""
     p = Path(path)
     if p.is_dir():
         p = p / "last.ckpt"
@@ -27,7 +30,15 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         ckpt = torch.load(p, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated or foreign file
         raise SystemExit(f"error: {p} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
-        raise SystemExit(f"error: {p} is not a VQ-VAE checkpoint of this project")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in required):
+        raise SystemExit(f"error: {p} is not a {kind} checkpoint of this project")
     ckpt["path"] = str(p)
     return ckpt
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    """Per-epoch metrics as CSV, rewritten whole each epoch so the file is always complete."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)

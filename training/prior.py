@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from training.checkpoint import load_checkpoint
+
 PRIOR_DIR = "prior"  # <run>/prior/: where training.train_prior writes and training.export looks
 
 
@@ -137,12 +139,7 @@ def find_prior_checkpoint(vqvae_ckpt_path: Path) -> Path | None:
 
 def load_prior_checkpoint(path: Path, vqvae_ckpt: dict) -> dict:
     """Load a prior checkpoint and check it belongs to `vqvae_ckpt`. Exits with a message otherwise."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or foreign file
-        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "prior_config" not in ckpt or "model" not in ckpt:
-        raise SystemExit(f"error: {path} is not a prior checkpoint of this project")
+    ckpt = load_checkpoint(path, required=("prior_config", "model"), kind="prior")
     if "position_nll" not in ckpt:  # written when training.train_prior finishes
         raise SystemExit(f"error: {path} is from an unfinished training.train_prior run; rerun it")
     if ckpt.get("codebook_sha256") != codebook_fingerprint(vqvae_ckpt):

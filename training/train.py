@@ -9,7 +9,6 @@ Each run writes `<output_dir>/<YYYY-MM-DD_HH-MM-SS>/`; `--resume <run dir or las
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import json
 import math
@@ -24,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from octcore.preprocess import Preprocessing
-from training.checkpoint import load_checkpoint, save_checkpoint
+from training.checkpoint import load_checkpoint, save_checkpoint, write_history
 from training.data import Augment, DataError, OCTImages, list_images, resolve_data_root, split_train_val
 from training.device import pick_device
 from training.model import VQVAE, VQVAEConfig
@@ -260,10 +259,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_metrics(run_dir: Path, history: list[dict]) -> None:
-    with open(run_dir / "metrics.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0]))
-        w.writeheader()
-        w.writerows(history)
+    write_history(run_dir / "metrics.csv", history)
     plot_loss_curves(history, run_dir / "loss_curve.png")
 
 

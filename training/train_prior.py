@@ -10,7 +10,6 @@ log) → per-position NLL calibration. Writes `<run>/prior/`: `best-epoch=NN-val
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sys
 import time
@@ -23,7 +22,7 @@ import yaml
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-from training.checkpoint import load_checkpoint, save_checkpoint
+from training.checkpoint import load_checkpoint, save_checkpoint, write_history
 from training.device import pick_device
 from training.export import resolve_checkpoint
 from training.prior import PRIOR_DIR, GatedPixelCNN, PriorConfig, codebook_fingerprint
@@ -158,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                 old.unlink()
             save_checkpoint(checkpoint(), out_dir / f"best-epoch={epoch:02d}-val_nll={va['nll']:.4f}.ckpt")
         save_checkpoint(checkpoint(), out_dir / "last.ckpt")
-        write_metrics(out_dir, state["history"])
+        write_history(out_dir / "metrics.csv", state["history"])
         if state["bad_epochs"] >= args.patience:
             print(f"early stop: no val NLL improvement > {args.min_delta} for {args.patience} epochs", flush=True)
             break
@@ -175,13 +174,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"best epoch {state['best_epoch']} val nll {state['best_val']:.4f} | position threshold "
           f"{best['position_nll']['threshold']:.3f} nats (p{args.position_percentile:g}) → {best_path}", flush=True)
     return 0
-
-
-def write_metrics(out_dir: Path, history: list[dict]) -> None:
-    with open(out_dir / "metrics.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0]))
-        w.writeheader()
-        w.writerows(history)
 
 
 if __name__ == "__main__":
