@@ -64,7 +64,7 @@ def to_gray(image: Image.Image) -> np.ndarray:
             image = image.convert("RGB").convert("L")
         elif image.mode != "L":
             image = image.convert("L")
-        arr = np.asarray(image, dtype=np.float32) / 255.0
+        return np.asarray(image, dtype=np.float32) * np.float32(1 / 255)  # already in [0, 1]
     return np.clip(arr, 0.0, 1.0).astype(np.float32, copy=False)
 
 
@@ -88,12 +88,14 @@ def crop_white_margins(gray: np.ndarray, cfg: Preprocessing) -> tuple[np.ndarray
 def fill_border_padding(gray: np.ndarray, cfg: Preprocessing) -> np.ndarray:
     """Paint saturated pixels that connect straight to an image edge (along their row or column) with `margin_fill`."""
     bright = gray > cfg.margin_threshold
-    pad = np.zeros_like(bright)
-    for axis in (0, 1):
-        pad |= np.cumprod(bright, axis=axis, dtype=bool)
-        pad |= np.flip(np.cumprod(np.flip(bright, axis), axis=axis, dtype=bool), axis)
-    if not pad.any():
-        return gray
+    if not (bright[0].any() or bright[-1].any() or bright[:, 0].any() or bright[:, -1].any()):
+        return gray  # nothing saturated touches the border: the common case, and the cheap one
+    h, w = bright.shape
+    rows, cols = np.arange(h)[:, None], np.arange(w)[None, :]
+    # Length of the saturated run starting at each edge, per column (top/bottom) and per row (left/right).
+    top, bottom = _run_length(bright, 0), _run_length(bright[::-1], 0)
+    left, right = _run_length(bright, 1), _run_length(bright[:, ::-1], 1)
+    pad = (rows < top[None, :]) | (rows >= h - bottom[None, :]) | (cols < left[:, None]) | (cols >= w - right[:, None])
     for _ in range(2):  # grow by 2 px: JPEG ringing leaves a bright fringe along the wedge's edge
         grown = pad.copy()
         grown[1:] |= pad[:-1]
@@ -104,6 +106,12 @@ def fill_border_padding(gray: np.ndarray, cfg: Preprocessing) -> np.ndarray:
     out = gray.copy()
     out[pad] = cfg.margin_fill
     return out
+
+
+def _run_length(mask: np.ndarray, axis: int) -> np.ndarray:
+    """Number of leading True values along `axis` (the whole length when all are True)."""
+    first_false = np.argmin(mask, axis=axis)
+    return np.where(mask.all(axis=axis), mask.shape[axis], first_false)
 
 
 def _trim(is_margin: np.ndarray) -> tuple[int, int]:

@@ -1,36 +1,42 @@
 #!/usr/bin/env bash
 # From nothing to a scoring service on localhost, on the embedded phantom data:
-#   set up .venv → phantom OCT2017 → train a small VQ-VAE → evaluate → export to model_store → serve.
+#   set up .venv → phantom OCT2017 → train a small VQ-VAE and its latent prior → evaluate → export → serve.
 # Every step is a plain CLI you can rerun on the real dataset (see README). Options (environment):
 #   DEMO_DIR (default: demo)   where data and runs go      OCT_PORT (8000)  service port
-#   DEMO_EPOCHS (15)           training epochs              DEMO_SERVE (1)   0 = stop after export
+#   DEMO_EPOCHS (12)           VQ-VAE epochs                DEMO_SERVE (1)   0 = stop after export
+#   DEMO_PRIOR_EPOCHS (6)      prior epochs (0 = no prior, no NLL score)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=.venv/bin/python
 DIR=${DEMO_DIR:-demo}
-EPOCHS=${DEMO_EPOCHS:-15}
+EPOCHS=${DEMO_EPOCHS:-12}
+PRIOR_EPOCHS=${DEMO_PRIOR_EPOCHS:-6}
 PORT=${OCT_PORT:-8000}
 STORE=${OCT_MODEL_STORE:-model_store}
 NAME=${OCT_MODEL_NAME:-phantom}
 
 if [ ! -d "$DIR/data/OCT2017" ]; then
-  echo "== 1/5 phantom data → $DIR/data"
+  echo "== 1/6 phantom data → $DIR/data"
   $PY -m training.phantom "$DIR/data" --train-normal 600 --test-per-class 40 --seed 0
 fi
-echo "== 2/5 training (image_size 128, $EPOCHS epochs, CPU or GPU)"
+echo "== 2/6 VQ-VAE training (image_size 128, $EPOCHS epochs, CPU or GPU)"
 $PY -m training.train --data_root "$DIR/data" --output_dir "$DIR/runs" --image_size 128 --epochs "$EPOCHS" \
   --batch_size 32 --n_hiddens 64 --n_residual_hiddens 32 --n_residual_layers 2 --embedding_dim 32 \
   --n_embeddings 64 --learning_rate 2e-3 --num_workers 2
 RUN=$(ls -d "$DIR"/runs/*/ | sort | tail -1)
 CKPT=$(ls "$RUN"best-*.ckpt | head -1)
-echo "== 3/5 evaluation on the phantom test split"
+if [ "$PRIOR_EPOCHS" -gt 0 ]; then
+  echo "== 3/6 latent prior (gated PixelCNN, 8 layers x 32 channels, $PRIOR_EPOCHS epochs)"
+  $PY -m training.train_prior --model_dir "$CKPT" --epochs "$PRIOR_EPOCHS" --n_layers 8 --n_channels 32
+fi
+echo "== 4/6 evaluation on the phantom test split"
 $PY -m training.inference --model_dir "$CKPT"
-echo "== 4/5 export → $STORE/$NAME/<next version>"
+echo "== 5/6 export → $STORE/$NAME/<next version>"
 $PY -m training.export --model_dir "$CKPT" --model_store "$STORE" --name "$NAME"
 [ "${DEMO_SERVE:-1}" = 1 ] || exit 0
 
-echo "== 5/5 service on http://127.0.0.1:$PORT (Ctrl-C stops it; API docs at /docs)"
+echo "== 6/6 service on http://127.0.0.1:$PORT (Ctrl-C stops it; API docs at /docs)"
 SAMPLE=$(ls "$DIR"/data/OCT2017/test/CNV/*.jpeg | head -1)
 (
   for _ in $(seq 1 120); do
