@@ -64,7 +64,7 @@ def to_gray(image: Image.Image) -> np.ndarray:
             image = image.convert("RGB").convert("L")
         elif image.mode != "L":
             image = image.convert("L")
-        return np.asarray(image, dtype=np.float32) * np.float32(1 / 255)  # already in [0, 1]
+        return np.asarray(image, dtype=np.float32) / 255.0  # already in [0, 1]
     return np.clip(arr, 0.0, 1.0).astype(np.float32, copy=False)
 
 
