@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import score_without_training
 from PIL import Image
 
 from octcore.manifest import load_scorer
@@ -50,24 +51,7 @@ def test_manifest_contract(tiny_model) -> None:
 
 def test_scorer_loads_without_training_and_matches_eager(tiny_model) -> None:
     files = sorted((tiny_model.data_root / "OCT2017" / "test").glob("*/*.jpeg"))[:6]
-    probe = r"""
-import json, sys
-sys.modules["training"] = None  # the exported scorer must not need the training package
-import torch
-from PIL import Image
-from octcore.manifest import load_scorer
-from octcore.preprocess import preprocess
-manifest, scorer = load_scorer(sys.argv[1])
-cfg = manifest.preprocessing_config()
-x = torch.stack([torch.from_numpy(preprocess(Image.open(f), cfg)) for f in sys.argv[2:]])[:, None]
-with torch.no_grad():
-    out = scorer(x)
-print(json.dumps({k: out[k].tolist() for k in manifest.scores}))
-"""
-    proc = subprocess.run([sys.executable, "-c", probe, str(tiny_model.version_dir), *map(str, files)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    served = json.loads(proc.stdout.splitlines()[-1])
+    served = score_without_training(tiny_model.version_dir, files)
 
     ckpt = load_checkpoint(tiny_model.ckpt)
     manifest, _ = load_scorer(tiny_model.version_dir)

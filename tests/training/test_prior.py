@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import score_without_training
 from PIL import Image
 
 from octcore.manifest import load_scorer
@@ -151,24 +151,7 @@ def test_export_includes_nll_and_its_calibration(tiny_prior_model, tiny_model) -
 
 def test_scorer_with_prior_loads_without_training_and_nll_matches_eager_prior(tiny_prior_model) -> None:
     files = sorted((tiny_prior_model.data_root / "OCT2017" / "test").glob("*/*.jpeg"))[::8][:5]
-    probe = r"""
-import json, sys
-sys.modules["training"] = None  # the exported scorer must not need the training package
-import torch
-from PIL import Image
-from octcore.manifest import load_scorer
-from octcore.preprocess import Preprocessing, preprocess
-manifest, scorer = load_scorer(sys.argv[1])
-cfg = manifest.preprocessing_config()
-x = torch.stack([torch.from_numpy(preprocess(Image.open(f), cfg)) for f in sys.argv[2:]])[:, None]
-with torch.no_grad():
-    out = scorer(x)
-print(json.dumps({k: out[k].tolist() for k in [*manifest.scores, "nll_map"]}))
-"""
-    proc = subprocess.run([sys.executable, "-c", probe, str(tiny_prior_model.version_dir), *map(str, files)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    served = json.loads(proc.stdout.splitlines()[-1])
+    served = score_without_training(tiny_prior_model.version_dir, files, ("nll_map",))
 
     # The eager pieces, put together by hand: VQ-VAE codes → prior NLL per position → top-fraction mean.
     ckpt = load_checkpoint(tiny_prior_model.ckpt)
