@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import score_without_training
+from export_probe import score_without_training
 from PIL import Image
 
 from octcore.manifest import load_scorer
