@@ -374,3 +374,18 @@ def image_reference_pinned(ref: str) -> str | None:
     if not tag or tag == "latest":
         return f"{ref}: tag {tag or '(empty)'!r}"
     return None
+
+
+# --- the service --------------------------------------------------------------------------------------------------
+
+
+def settings_env_names() -> set[str]:
+    """Every environment variable name the service's Settings reads (`OCT_*`, plus explicit aliases)."""
+    from service.settings import Settings
+
+    prefix = Settings.model_config.get("env_prefix", "")
+    names = {f"{prefix}{name}".upper() for name in Settings.model_fields}
+    for f in Settings.model_fields.values():
+        if isinstance(f.validation_alias, str):
+            names.add(f.validation_alias.upper())
+    return names

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 
+import deployfiles
 import jsonschema
 import pytest
 from deployfiles import (
@@ -39,14 +40,7 @@ def cpu_compose(compose) -> dict:
 
 @pytest.fixture(scope="module")
 def settings_env_names() -> set[str]:
-    from service.settings import Settings
-
-    prefix = Settings.model_config.get("env_prefix", "")
-    names = {f"{prefix}{name}".upper() for name in Settings.model_fields}
-    for f in Settings.model_fields.values():
-        if isinstance(f.validation_alias, str):
-            names.add(f.validation_alias.upper())
-    return names
+    return deployfiles.settings_env_names()
 
 
 def _validate(doc: dict) -> None:
