@@ -9,6 +9,7 @@ import copy
 import importlib
 import re
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -120,6 +121,22 @@ def test_kustomization_applies_every_manifest_and_pins_the_images(kustomization)
         for c in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
             name, _, tag = c["image"].partition(":")
             assert tags.get(name) == tag, f"{doc['kind']} {c['name']}: {c['image']} is not the pinned {tags}"
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="no kubectl: kustomize build unchecked")
+def test_kustomize_build_is_valid() -> None:
+    """What `kubectl apply -k` would send: every object valid, in the namespace, with the hashed ConfigMap names."""
+    out = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    docs = list(yaml.safe_load_all(out.stdout))
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSIONS[0], strict=True)
+        assert doc["kind"] == "Namespace" or doc["metadata"]["namespace"] == "oct-anomaly"
+    generated = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
+    for doc in docs:
+        if doc["kind"] in ("Deployment", "StatefulSet"):
+            refs = {e["configMapRef"]["name"] for e in doc["spec"]["template"]["spec"]["containers"][0]["envFrom"]}
+            assert refs <= generated and all(re.search(r"-[a-z0-9]{10}$", r) for r in refs), refs
 
 
 # --- the scorer pods against the service ------------------------------------------------------------------------------
