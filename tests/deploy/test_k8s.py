@@ -274,7 +274,7 @@ def test_secret_example_carries_no_values() -> None:
     assert set(secret.get("stringData", {}).values()) <= {""} and not secret.get("data")
     used = {e["valueFrom"]["secretKeyRef"]["key"] for kind, name in SCORERS for e in _container(_get(kind, name))["env"]
             if "secretKeyRef" in e.get("valueFrom", {})}
-    assert used <= set(secret["stringData"]) | {"pacs-token"}
+    assert used == set(secret["stringData"]), "the example lists exactly the keys the pods read"
 
 
 def test_outbox_one_durable_volume_per_replica_and_only_the_pacs_tier_delivers(config_maps) -> None:
