@@ -11,7 +11,8 @@ const el = {
   drop: $("drop"), file: $("file"), status: $("status"), error: $("error"), result: $("result"),
   scan: $("scan"), overlay: $("overlay"), volume: $("volume"), frame: $("frame"), frameLabel: $("frame-label"),
   strip: $("strip"), jump: $("jump"), verdict: $("verdict"), explain: $("explain"),
-  volumeSummary: $("volume-summary"), score: $("score"), threshold: $("threshold"), percentile: $("percentile"),
+  volumeSummary: $("volume-summary"), scoreLabel: $("score-label"), score: $("score"), threshold: $("threshold"),
+  percentile: $("percentile"),
   toggles: $("map-toggles"), opacity: $("opacity"), opacityValue: $("opacity-value"),
 };
 
@@ -178,6 +179,7 @@ function describe(f) {
   el.explain.textContent = `The score is ${side} the threshold`
     + (tp == null ? "." : `, which is the ${ordinal(tp)} percentile of normal scans.`)
     + (f.is_anomalous ? " Review recommended." : "");
+  el.scoreLabel.textContent = model ? `Score (${model.primary_score})` : "Score";
   el.score.textContent = fmt(f.score);
   el.score.dataset.value = String(f.score);
   el.threshold.textContent = fmt(threshold) + (tp == null ? "" : ` (${ordinal(tp)} percentile of normal scans)`);
