@@ -76,6 +76,15 @@ def upload(page, name: str, data: bytes, mime: str) -> None:
 
 # Waits go through selectors and locators: the page's Content-Security-Policy forbids the eval that
 # wait_for_function polls with (and a test under the real policy is the point).
+def drop(page, name: str, data: bytes, mime: str) -> None:
+    """Drag and drop a file onto the drop zone, as a user dragging it from their desktop."""
+    transfer = page.evaluate_handle(
+        "([name, bytes, mime]) => { const t = new DataTransfer(); "
+        "t.items.add(new File([new Uint8Array(bytes)], name, {type: mime})); return t; }", [name, list(data), mime])
+    page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+    page.wait_for_selector("body[data-state=done], body[data-state=error]")
+
+
 def wait_drawn(page) -> None:
     page.wait_for_selector("#overlay:not([data-busy])", state="attached")
 
@@ -101,7 +110,11 @@ def test_page_loads_only_from_the_service(client: httpx.Client) -> None:
 
 
 def test_phantom_scan_shows_the_api_score_in_words(page, client: httpx.Client, scan_bytes: bytes) -> None:
+    page.keyboard.press("Tab")  # keyboard first: the first stop is the file picker
+    assert page.evaluate("document.activeElement.id") == "file"
     upload(page, "scan.jpeg", scan_bytes, "image/jpeg")
+    unlabelled = page.evaluate("[...document.querySelectorAll('input')].filter(i => !i.labels.length).map(i => i.id)")
+    assert unlabelled == []
     api = client.post("/score", files={"file": ("scan.jpeg", scan_bytes, "image/jpeg")}).json()
     model = client.get("/models").json()
     assert float(page.get_attribute("#score", "data-value")) == api["score"]
@@ -169,7 +182,7 @@ def test_usable_on_a_tablet(browser, service, scan_bytes: bytes) -> None:
 
 def test_corrupt_file_shows_the_problem(page, client: httpx.Client) -> None:
     junk = b"\x89PNG\r\n\x1a\n" + b"not really a PNG" * 8
-    upload(page, "broken.png", junk, "image/png")
+    drop(page, "broken.png", junk, "image/png")
     problem = client.post("/score", files={"file": ("broken.png", junk, "image/png")}).json()
     text = page.text_content("#error")
     assert page.is_visible("#error")
