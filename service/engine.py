@@ -25,7 +25,8 @@ from service.batcher import Batcher
 from service.errors import NotReady
 from service.heatmaps import render_all as render_heatmaps
 from service.metrics import Metrics
-from service.schemas import ModelRef, ModelSummary, ScoreInfo, ScoreResult, TimingMs
+from service.preview import encode_preview
+from service.schemas import HeatmapBox, ModelRef, ModelSummary, ScoreInfo, ScoreResult, TimingMs
 from service.settings import Settings
 
 log = logging.getLogger("oct.engine")
@@ -153,8 +154,8 @@ class Engine:
         """Run CPU work (decoding, preprocessing, PNG encoding) off the event loop, in parallel with inference."""
         return await asyncio.get_running_loop().run_in_executor(self.cpu_pool, functools.partial(fn, *args))
 
-    async def score_gray(self, gray: np.ndarray, *, heatmaps: bool, request_id: str | None = None,
-                         started: float | None = None) -> ScoreResult:
+    async def score_gray(self, gray: np.ndarray, *, heatmaps: bool, preview: bool = False,
+                         request_id: str | None = None, started: float | None = None) -> ScoreResult:
         """Score one decoded image, float32 (H, W) in [0, 1]. `started` (perf_counter) counts decode time too."""
         started = time.perf_counter() if started is None else started
         if not self.ready:
@@ -170,11 +171,13 @@ class Engine:
         if heatmaps:
             maps = await self.run_cpu(render_heatmaps, {k: out[m] for k, m in self.score_maps.items()},
                                       self.map_scales, box)
+        image = await self.run_cpu(encode_preview, gray) if preview else None
         return ScoreResult(
             request_id=request_id or uuid.uuid4().hex,
             model=ModelRef(name=self.manifest.name, version=self.manifest.version),
             score=score, scores=scores, threshold=self.calibration.threshold, is_anomalous=bool(over),
             percentile=self.calibration.percentile_of(score), heatmaps=maps,
+            heatmap_box=HeatmapBox(x0=box[0], y0=box[1], x1=box[2], y1=box[3]), preview=image,
             timing_ms=TimingMs(queue=timing.queue_s * 1e3, inference=timing.inference_s * 1e3,
                                total=(time.perf_counter() - started) * 1e3))
 

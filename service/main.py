@@ -12,7 +12,7 @@ from service import errors
 from service.engine import Engine
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestContext
-from service.routes import dicomweb, health, metrics, models, score
+from service.routes import dicomweb, health, metrics, models, page, score
 from service.settings import Settings
 
 
@@ -35,7 +35,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.metrics = metrics_
     app.state.engine = None
     errors.install(app)
-    for r in (score.router, models.router, health.router, metrics.router):
+    for r in (score.router, models.router, health.router, metrics.router, page.router):
         app.include_router(r)
     app.include_router(dicomweb.router)  # STOW-RS ingest + results; its lifespan runs the PACS delivery worker
     # Added last = outermost: every request gets an id and a metrics/audit record, even a refused upload.

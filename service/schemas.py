@@ -14,6 +14,23 @@ HEATMAP_SCALE_DOC = (
 )
 
 
+PREVIEW_DOC = (
+    "Base64 PNG of the scan as the service decoded it (8-bit gray, the upload's own pixel size, so heatmap_box "
+    "applies to it as is): for clients that cannot decode the upload themselves (DICOM, TIFF, 16-bit). Only with "
+    "preview=true."
+)
+
+
+class HeatmapBox(BaseModel):
+    """The region of the uploaded image the heatmaps cover, in upload pixels: the scan after white margins are
+    cropped. Stretch each heatmap PNG over [x0, x1) × [y0, y1) to overlay it on the upload."""
+
+    x0: int = Field(description="Left edge (inclusive)")
+    y0: int = Field(description="Top edge (inclusive)")
+    x1: int = Field(description="Right edge (exclusive)")
+    y1: int = Field(description="Bottom edge (exclusive)")
+
+
 class ModelRef(BaseModel):
     name: str
     version: int
@@ -34,6 +51,8 @@ class ScoreResult(BaseModel):
     is_anomalous: bool
     percentile: float = Field(description="Where the primary score falls among normal calibration scans, 0–100")
     heatmaps: dict[str, str] | None = Field(default=None, description=HEATMAP_SCALE_DOC)
+    heatmap_box: HeatmapBox
+    preview: str | None = Field(default=None, description=PREVIEW_DOC)
     timing_ms: TimingMs
 
 

@@ -28,12 +28,13 @@ async def decode(engine: Any, data: bytes) -> DicomImage:
                                                      max_side=s.max_image_side, max_frame_pixels=s.max_image_pixels))
 
 
-async def score_dicom(engine: Any, data: bytes, *, heatmaps: bool, request_id: str | None = None,
-                      started: float | None = None) -> VolumeScoreResult:
+async def score_dicom(engine: Any, data: bytes, *, heatmaps: bool, preview: bool = False,
+                      request_id: str | None = None, started: float | None = None) -> VolumeScoreResult:
     """`/score` with a DICOM body: per-frame and volume scores (see service.dicom.schemas.AGGREGATION_DOC)."""
     started = time.perf_counter() if started is None else started
     image = await decode(engine, data)
-    return await score_volume(engine, image, heatmaps=heatmaps, request_id=request_id, started=started)
+    return await score_volume(engine, image, heatmaps=heatmaps, preview=preview, request_id=request_id,
+                              started=started)
 
 
 async def ingest(engine: Any, outbox: Outbox, data: bytes, *, base_url: str, study: str | None = None,
@@ -80,11 +81,11 @@ async def ingest(engine: Any, outbox: Outbox, data: bytes, *, base_url: str, stu
     return record
 
 
-async def score_dicom_upload(request: Request, engine: Any, data: bytes, *, heatmaps: bool,
-                             started: float) -> VolumeScoreResult:
+async def score_dicom_upload(request: Request, engine: Any, data: bytes, *, heatmaps: bool, started: float,
+                             preview: bool = False) -> VolumeScoreResult:
     """The DICOM branch of `POST /score`: scores + the audit fields (UIDs and scores only, never patient data)."""
-    result = await score_dicom(engine, data, heatmaps=heatmaps, request_id=request.scope.get("oct.request_id"),
-                               started=started)
+    result = await score_dicom(engine, data, heatmaps=heatmaps, preview=preview,
+                               request_id=request.scope.get("oct.request_id"), started=started)
     request.scope.setdefault("oct.audit", {}).update(
         score=result.score, is_anomalous=result.is_anomalous, percentile=round(result.percentile, 2),
         frames=result.number_of_frames, max_frame=result.max_frame, sop_instance_uid=result.sop_instance_uid)

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from service.schemas import HEATMAP_SCALE_DOC, ModelRef, TimingMs
+from service.schemas import HEATMAP_SCALE_DOC, PREVIEW_DOC, HeatmapBox, ModelRef, TimingMs
 
 AGGREGATION_DOC = (
     "Volume result = the most anomalous frame's: `score` is the maximum of the frames' primary scores (the minimum "
@@ -25,6 +25,9 @@ class FrameScore(BaseModel):
     is_anomalous: bool
     percentile: float = Field(description="Where the score falls among normal calibration scans, 0–100")
     heatmaps: dict[str, str] | None = Field(default=None, description=HEATMAP_SCALE_DOC)
+    # Optional here: result records stored by earlier versions lack it.
+    heatmap_box: HeatmapBox | None = Field(default=None, description="Region of this frame the heatmaps cover")
+    preview: str | None = Field(default=None, description=PREVIEW_DOC)
 
 
 class VolumeScoreResult(BaseModel):
@@ -44,6 +47,7 @@ class VolumeScoreResult(BaseModel):
     is_anomalous: bool
     percentile: float
     max_frame: int = Field(description="0-based index of the most anomalous frame")
+    heatmap_box: HeatmapBox | None = Field(default=None, description="The most anomalous frame's heatmap_box")
     frames: list[FrameScore]
     timing_ms: TimingMs
 

@@ -12,8 +12,8 @@ from service.dicom.schemas import FrameScore, VolumeScoreResult
 from service.schemas import ScoreResult, TimingMs
 
 
-async def score_volume(engine: Any, image: DicomImage, *, heatmaps: bool, request_id: str | None = None,
-                       started: float | None = None) -> VolumeScoreResult:
+async def score_volume(engine: Any, image: DicomImage, *, heatmaps: bool, preview: bool = False,
+                       request_id: str | None = None, started: float | None = None) -> VolumeScoreResult:
     """`engine` is the service's Engine (`score_gray`, `settings`, `higher_is_anomalous`)."""
     started = time.perf_counter() if started is None else started
     # Keep about two batches in flight: the batcher always has a full next batch, and a long volume cannot fill
@@ -22,7 +22,7 @@ async def score_volume(engine: Any, image: DicomImage, *, heatmaps: bool, reques
 
     async def one(i: int) -> ScoreResult:
         async with gate:
-            return await engine.score_gray(image.frames[i], heatmaps=heatmaps, started=started)
+            return await engine.score_gray(image.frames[i], heatmaps=heatmaps, preview=preview, started=started)
 
     results = await asyncio.gather(*(one(i) for i in range(image.number_of_frames)))
     return aggregate(results, image, higher_is_anomalous=engine.higher_is_anomalous, request_id=request_id,
@@ -32,7 +32,8 @@ async def score_volume(engine: Any, image: DicomImage, *, heatmaps: bool, reques
 def aggregate(results: list[ScoreResult], image: DicomImage, *, higher_is_anomalous: bool = True,
               request_id: str | None = None, started: float | None = None) -> VolumeScoreResult:
     frames = [FrameScore(index=i, frame_number=i + 1, score=r.score, scores=r.scores, is_anomalous=r.is_anomalous,
-                         percentile=r.percentile, heatmaps=r.heatmaps) for i, r in enumerate(results)]
+                         percentile=r.percentile, heatmaps=r.heatmaps, heatmap_box=r.heatmap_box, preview=r.preview)
+              for i, r in enumerate(results)]
     pick = max if higher_is_anomalous else min
     top = pick(range(len(results)), key=lambda i: results[i].score)  # first frame wins a tie
     worst = results[top]
@@ -42,7 +43,8 @@ def aggregate(results: list[ScoreResult], image: DicomImage, *, higher_is_anomal
         study_instance_uid=image.study_instance_uid, series_instance_uid=image.series_instance_uid,
         sop_instance_uid=image.sop_instance_uid, sop_class_uid=image.sop_class_uid,
         number_of_frames=image.number_of_frames, score=worst.score, scores=worst.scores, threshold=worst.threshold,
-        is_anomalous=worst.is_anomalous, percentile=worst.percentile, max_frame=top, frames=frames,
+        is_anomalous=worst.is_anomalous, percentile=worst.percentile, max_frame=top, heatmap_box=worst.heatmap_box,
+        frames=frames,
         # Frames share batches, so per-frame times do not add up; report the slowest frame's.
         timing_ms=TimingMs(queue=max(r.timing_ms.queue for r in results),
                            inference=max(r.timing_ms.inference for r in results), total=total_ms))

@@ -71,6 +71,7 @@ async def read_upload(request: Request, settings: Settings) -> tuple[bytes, Deco
 async def score(
     request: Request, engine: EngineDep, settings: SettingsDep,
     heatmaps: Annotated[bool, Query(description="Return base64 PNG heatmaps (see ScoreResult.heatmaps)")] = True,
+    preview: Annotated[bool, Query(description="Return the decoded scan as PNG (see ScoreResult.preview)")] = False,
 ) -> ScoreResult | VolumeScoreResult:
     started = time.perf_counter()
     request.scope["oct.audit"] = {"model": engine.manifest.name, "model_version": engine.manifest.version}
@@ -78,11 +79,11 @@ async def score(
         raise NotReady(engine.not_ready_reason, headers={"Retry-After": str(settings.retry_after_s)})
     data, decoder = await read_upload(request, settings)
     if decoder is None or is_dicom(data):  # a DICOM object: per-frame + volume scores (service/dicom)
-        return await score_dicom_upload(request, engine, data, heatmaps=heatmaps, started=started)
+        return await score_dicom_upload(request, engine, data, heatmaps=heatmaps, preview=preview, started=started)
     limits = Limits(max_side=settings.max_image_side, max_pixels=settings.max_image_pixels)
     gray = await engine.run_cpu(decoder, data, limits)
-    result = await engine.score_gray(gray, heatmaps=heatmaps, request_id=request.scope.get("oct.request_id"),
-                                     started=started)
+    result = await engine.score_gray(gray, heatmaps=heatmaps, preview=preview,
+                                     request_id=request.scope.get("oct.request_id"), started=started)
     request.scope["oct.audit"].update(score=result.score, is_anomalous=result.is_anomalous,
                                       percentile=round(result.percentile, 2))
     return result
