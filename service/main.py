@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service import errors
+from service import errors, security
 from service.engine import Engine
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestContext
@@ -19,6 +19,7 @@ from service.settings import Settings
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
     """`engine` is given when the caller loaded the model already (`python -m service` does, to fail fast)."""
     settings = settings or Settings()
+    security.require_safe(settings)
     metrics_ = engine.metrics if engine is not None else Metrics()
 
     @asynccontextmanager

@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 
-from service.deps import EngineDep, require_api_key
+from service.deps import EngineDep, require_api_key, require_results_key
 from service.dicom.decode import identify
 from service.dicom.delivery import DeliveryWorker, Outbox, PacsTarget
 from service.dicom.errors import DicomProblem, ResultNotFound
@@ -138,7 +138,11 @@ async def _stow(request: Request, engine: EngineDep, outbox: Outbox, study: str 
     return JSONResponse(outcome.to_json(), status_code=outcome.http_status, media_type=DICOM_JSON)
 
 
-@router.get("/results", response_model=list[ResultSummary], summary="Scored instances, oldest first")
+_RESULTS_KEY = [Depends(require_results_key)]
+
+
+@router.get("/results", response_model=list[ResultSummary], summary="Scored instances, oldest first",
+            dependencies=_RESULTS_KEY)
 async def list_results(request: Request, outbox: OutboxDep,
                        study_instance_uid: Annotated[str | None, Query()] = None,
                        limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[ResultSummary]:
@@ -153,6 +157,7 @@ async def list_results(request: Request, outbox: OutboxDep,
 
 
 @router.get("/results/{sop_instance_uid}", response_model=ResultRecord, responses=problem_responses(ResultNotFound),
+            dependencies=_RESULTS_KEY,
             summary="Scores, result instances (SR, SC) and delivery status of one scored instance")
 async def get_result(outbox: OutboxDep, sop_instance_uid: str) -> ResultRecord:
     record = await asyncio.to_thread(outbox.get, sop_instance_uid)
@@ -163,6 +168,7 @@ async def get_result(outbox: OutboxDep, sop_instance_uid: str) -> ResultRecord:
 
 @router.get("/results/{sop_instance_uid}/{kind}.dcm", response_class=FileResponse,
             responses={200: {"content": {"application/dicom": {}}}, **problem_responses(ResultNotFound)},
+            dependencies=_RESULTS_KEY,
             summary="Download a result instance (sr: Structured Report, sc: heatmap overlay)")
 async def get_result_file(outbox: OutboxDep, sop_instance_uid: str, kind: Literal["sr", "sc"]) -> FileResponse:
     path = outbox.file(sop_instance_uid, f"{kind}.dcm") if is_uid(sop_instance_uid) else None
