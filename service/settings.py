@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     upload_spool_bytes: int = Field(default=1024 * 1024, ge=0)
     # One DICOM object: all frames together, and each side (checked from the header, before decoding).
     dicom_max_voxels: int = Field(default=128 * 1024 * 1024, ge=1)
-    dicom_max_side: int = Field(default=16384, ge=16)
+    dicom_max_side: int = Field(default=8192, ge=16)
     # Delivered (or, with no PACS, stored) results are deleted after this many days; 0 keeps them for ever.
     results_retention_days: float = Field(default=30.0, ge=0)
 

@@ -229,6 +229,7 @@ def _stow_error(resp: httpx.Response) -> str | None:
             return None  # accepted with warnings only (e.g. coerced attributes): stored
         reasons = [str(f.get("00081197", {}).get("Value", ["?"])[0]) for f in failed]
         return f"PACS stored only some instances; failure reasons {reasons}"
-    text = resp.text[:200].replace("\n", " ")
-    return f"HTTP {resp.status_code}: {text}"
+    # Status only: a PACS's error text may quote the objects' patient attributes, and this string is logged and
+    # served in /dicomweb/results.
+    return f"HTTP {resp.status_code} {resp.reason_phrase}".strip()
 

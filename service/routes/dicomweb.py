@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 
+from service.budget import inflight
 from service.deps import EngineDep, require_api_key, require_results_key
 from service.dicom.decode import identify
 from service.dicom.delivery import DeliveryWorker, Outbox, PacsTarget
@@ -25,7 +26,18 @@ from service.dicom.multipart import MultipartError, content_type_params, parse_r
 from service.dicom.results import is_uid
 from service.dicom.schemas import ResultRecord, ResultSummary
 from service.dicom.stow import DICOM_JSON, StowOutcome
-from service.errors import BadRequest, NotReady, Overloaded, UnsupportedMediaType, problem_responses
+from service.errors import (
+    BadRequest,
+    Busy,
+    InvalidParameters,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+    problem_responses,
+)
+from service.upload import read_body
 
 log = logging.getLogger("oct.dicomweb")
 PROCESSING_FAILURE = 0x0110
@@ -69,7 +81,8 @@ _STOW_RESPONSES = {
           "content": {DICOM_JSON: {}}},
     202: {"description": "Some instances scored, others listed in FailedSOPSequence", "content": {DICOM_JSON: {}}},
     409: {"description": "No instance could be scored; reasons in FailedSOPSequence", "content": {DICOM_JSON: {}}},
-    **problem_responses(BadRequest, UnsupportedMediaType, Overloaded, NotReady),
+    **problem_responses(BadRequest, Unauthorized, PayloadTooLarge, UnsupportedMediaType, InvalidParameters, Overloaded,
+                        Busy, NotReady),
 }
 
 
@@ -95,7 +108,7 @@ async def _stow(request: Request, engine: EngineDep, outbox: Outbox, study: str 
                                    f"{request.headers.get('content-type') or '(none)'!r}")
     if not engine.ready:
         raise NotReady(engine.not_ready_reason, headers={"Retry-After": str(engine.settings.retry_after_s)})
-    body = await request.body()
+    body = await read_body(request, engine.settings)
     try:
         parts = parse_related(body, params.get("boundary", ""))
     except MultipartError as e:
@@ -112,18 +125,18 @@ async def _stow(request: Request, engine: EngineDep, outbox: Outbox, study: str 
             continue
         try:
             record = await ingest(engine, outbox, part.body, base_url=base_url, study=study, deliver=worker is not None,
-                                  request_id=request.scope.get("oct.request_id"))
+                                  request_id=request.scope.get("oct.request_id"), voxels=inflight(request.app).voxels)
         except DicomProblem as e:
             sop_class, sop_uid = identify(part.body)
             outcome.failed.append((sop_class, sop_uid, e.failure_reason))
             log.warning("STOW part %d (%s) refused: %s: %s", n, sop_uid or "no UID", e.slug, e.detail)
             continue
-        except (NotReady, Overloaded):
+        except (NotReady, Overloaded, Busy):
             raise  # the whole request gets a 503 and the router retries; what was stored is stored idempotently
         except Exception as e:  # a bug must cost one instance (reported as a processing failure), not a 500
             sop_class, sop_uid = identify(part.body)
             outcome.failed.append((sop_class, sop_uid, PROCESSING_FAILURE))
-            log.error("STOW part %d (%s) failed: %s: %s", n, sop_uid or "no UID", type(e).__name__, e, exc_info=e)
+            log.error("STOW part %d (%s) failed: %s", n, sop_uid or "no UID", type(e).__name__, exc_info=e)
             continue
         r = record.result
         url = f"{base_url}/dicomweb/results/{r.sop_instance_uid}"
