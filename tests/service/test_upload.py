@@ -19,7 +19,7 @@ from service.settings import Settings
 from service.upload import read_body
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pacs"))
-from oct_dicom import oct_dataset, phantom_frames, to_bytes  # noqa: E402
+from oct_dicom import oct_dataset, phantom_frames, to_bytes
 
 
 def test_budget_refuses_past_the_limit_and_gives_back() -> None:
