@@ -17,8 +17,8 @@ from starlette.requests import Request
 from service.budget import Budget, inflight
 from service.dicom import phi
 from service.dicom.decode import DicomImage, decode_dicom
-from service.dicom.delivery import Outbox, dicom_bytes
 from service.dicom.errors import DicomProblem, OwnResult, ResultsNotBuildable, StudyMismatch
+from service.dicom.outbox import Outbox, dicom_bytes
 from service.dicom.phi import library_error
 from service.dicom.results import MANUFACTURER, ResultIds, fill_type2, is_uid
 from service.dicom.sc import build_sc

@@ -8,6 +8,7 @@ names it in ReferencedSOPSequence, so "stored" means "scored and durable". Deliv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -51,15 +52,34 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     target = PacsTarget.from_settings(settings)
     worker = DeliveryWorker(outbox, target) if target.url else None
     task = asyncio.create_task(worker.run(), name="pacs-delivery") if worker else None
+    retention = (asyncio.create_task(_purge_forever(outbox, settings.results_retention_days * 86400.0),
+                                     name="results-retention") if settings.results_retention_days else None)
     app.state.dicom_outbox, app.state.dicom_delivery = outbox, worker
-    log.info("results in %s; delivery to the PACS %s", settings.results_dir,
+    log.info("results in %s (%s); delivery to the PACS %s", settings.results_dir,
+             f"kept {settings.results_retention_days:g} days after delivery" if retention else "kept for ever",
              "enabled" if worker else "off (OCT_PACS_STOW_URL empty)")
     try:
         yield
     finally:
+        if retention:
+            retention.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await retention
         if worker and task:
             await worker.stop()
             await task
+        await asyncio.to_thread(outbox.close)
+
+
+async def _purge_forever(outbox: Outbox, older_than_s: float) -> None:
+    """OCT_RESULTS_RETENTION_DAYS: delete delivered (or local) results past it, at start and then hourly."""
+    while True:
+        try:
+            while (n := await asyncio.to_thread(outbox.purge, older_than_s)) > 0:
+                log.info("retention: deleted %d results older than %.0f s", n, older_than_s)
+        except Exception as e:  # a full disk or a locked index must not end the service
+            log.error("retention sweep failed: %s", type(e).__name__)
+        await asyncio.sleep(min(3600.0, max(1.0, older_than_s / 10)))
 
 
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=[Depends(require_api_key)],
@@ -160,13 +180,10 @@ async def list_results(request: Request, outbox: OutboxDep,
                        study_instance_uid: Annotated[str | None, Query()] = None,
                        limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[ResultSummary]:
     base = str(request.base_url).rstrip("/")
-    records = await asyncio.to_thread(outbox.records)
-    if study_instance_uid:
-        records = [r for r in records if r.study_instance_uid == study_instance_uid]
-    return [ResultSummary(source_sop_instance_uid=r.source_sop_instance_uid, study_instance_uid=r.study_instance_uid,
-                          score=r.result.score, is_anomalous=r.result.is_anomalous,
-                          delivery_status=r.delivery.status, url=f"{base}/dicomweb/results/{r.source_sop_instance_uid}")
-            for r in records[-limit:]]
+    rows = await asyncio.to_thread(outbox.summaries, limit, study_instance_uid)
+    return [ResultSummary(source_sop_instance_uid=r.uid, study_instance_uid=r.study, score=r.score,
+                          is_anomalous=r.is_anomalous, delivery_status=r.status, url=f"{base}/dicomweb/results/{r.uid}")
+            for r in rows]
 
 
 @router.get("/results/{sop_instance_uid}", response_model=ResultRecord, responses=problem_responses(ResultNotFound),
