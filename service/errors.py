@@ -151,6 +151,39 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)
     app.add_exception_handler(Exception, _on_unexpected)
+    _document_validation_problems(app)
+
+
+def _document_validation_problems(app: FastAPI) -> None:
+    """FastAPI documents every 422 as `application/json` HTTPValidationError; the service answers problem+json."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = generate()
+        problem = {"schema": {"$ref": "#/components/schemas/ProblemDetail"}}
+        for item in schema.get("paths", {}).values():
+            for op in item.values():
+                answer = op.get("responses", {}).get("422")
+                if answer is None:
+                    continue
+                content = answer.setdefault("content", {})
+                if "HTTPValidationError" in str(content.get("application/json", "")):
+                    content.pop("application/json")
+                    slug = f"`{TYPE_PREFIX}{InvalidParameters.slug}`: {InvalidParameters.title}"
+                    answer["description"] = slug if answer.get("description") in (None, "", "Validation Error") \
+                        else f"{answer['description']}; {slug}"
+                content[PROBLEM_JSON] = problem
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
+        components.setdefault("ProblemDetail",
+                              ProblemDetail.model_json_schema(ref_template="#/components/schemas/{model}"))
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def problem_responses(*problems: type[Problem]) -> dict[int | str, dict[str, Any]]:

@@ -83,7 +83,7 @@ async def _purge_forever(outbox: Outbox, older_than_s: float) -> None:
 
 
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=[Depends(require_api_key)],
-                   lifespan=lifespan)
+                   responses=problem_responses(Unauthorized), lifespan=lifespan)
 
 
 def get_outbox(request: Request) -> Outbox:
@@ -174,8 +174,8 @@ async def _stow(request: Request, engine: EngineDep, outbox: Outbox, study: str 
 _RESULTS_KEY = [Depends(require_results_key)]
 
 
-@router.get("/results", response_model=list[ResultSummary], summary="Scored instances, oldest first",
-            dependencies=_RESULTS_KEY)
+@router.get("/results", response_model=list[ResultSummary], summary="The newest results, oldest first",
+            dependencies=_RESULTS_KEY, responses=problem_responses(NotReady))
 async def list_results(request: Request, outbox: OutboxDep,
                        study_instance_uid: Annotated[str | None, Query()] = None,
                        limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[ResultSummary]:
@@ -186,7 +186,8 @@ async def list_results(request: Request, outbox: OutboxDep,
             for r in rows]
 
 
-@router.get("/results/{sop_instance_uid}", response_model=ResultRecord, responses=problem_responses(ResultNotFound),
+@router.get("/results/{sop_instance_uid}", response_model=ResultRecord,
+            responses=problem_responses(ResultNotFound, NotReady),
             dependencies=_RESULTS_KEY,
             summary="Scores, result instances (SR, SC) and delivery status of one scored instance")
 async def get_result(outbox: OutboxDep, sop_instance_uid: str) -> ResultRecord:
@@ -197,7 +198,7 @@ async def get_result(outbox: OutboxDep, sop_instance_uid: str) -> ResultRecord:
 
 
 @router.get("/results/{sop_instance_uid}/{kind}.dcm", response_class=FileResponse,
-            responses={200: {"content": {"application/dicom": {}}}, **problem_responses(ResultNotFound)},
+            responses={200: {"content": {"application/dicom": {}}}, **problem_responses(ResultNotFound, NotReady)},
             dependencies=_RESULTS_KEY,
             summary="Download a result instance (sr: Structured Report, sc: heatmap overlay)")
 async def get_result_file(outbox: OutboxDep, sop_instance_uid: str, kind: Literal["sr", "sc"]) -> FileResponse:
