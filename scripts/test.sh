@@ -6,6 +6,13 @@ bash scripts/setup.sh
 if [ -f scripts/orthanc.sh ]; then
   bash scripts/orthanc.sh install || echo "test: Orthanc could not be installed; the PACS end-to-end tests will say so"
 fi
+# dciodvfy (Debian's dicom3tools) checks the SR and Secondary Capture the service builds (tests/pacs/test_conformance.py).
+if ! command -v dciodvfy >/dev/null 2>&1; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  { command -v apt-get >/dev/null 2>&1 && $sudo apt-get update -qq \
+      && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends dicom3tools; } \
+    || echo "test: dicom3tools could not be installed; the DICOM conformance tests will be skipped and say so"
+fi
 echo "test: ruff check"
 .venv/bin/ruff check .
 echo "test: pytest"
