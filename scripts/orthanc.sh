@@ -11,7 +11,7 @@
 # switched off so the instance is reachable from loopback only:
 #   ORTHANC_HTTP_PORT (8042)  ORTHANC_DICOM_PORT (4242)  ORTHANC_STABLE_AGE (30 s)
 # Strings stay ${VAR} references that Orthanc itself expands at start-up:
-#   ORTHANC_PASSWORD (user "oct")  OCT_SERVICE_DICOMWEB_URL  OCT_SERVICE_API_KEY  ORTHANC_NAME  ORTHANC_AET
+#   ORTHANC_PASSWORD (user "oct", required)  OCT_SERVICE_DICOMWEB_URL  OCT_SERVICE_API_KEY  ORTHANC_NAME  ORTHANC_AET
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -54,11 +54,12 @@ render() {
 url() { echo "http://127.0.0.1:${ORTHANC_HTTP_PORT:-8042}"; }
 
 answers() {
-  curl -sf --max-time 2 -u "oct:${ORTHANC_PASSWORD:-change-me}" "$(url)/system" >/dev/null 2>&1
+  curl -sf --max-time 2 -u "oct:$ORTHANC_PASSWORD" "$(url)/system" >/dev/null 2>&1
 }
 
 start() {
   local dir=${1:?usage: orthanc.sh start DIR}
+  [ -n "${ORTHANC_PASSWORD:-}" ] || die "set ORTHANC_PASSWORD (user oct's password): there is no default"
   installed || die "Orthanc is not installed: run scripts/orthanc.sh install"
   dir=$(mkdir -p "$dir" && cd "$dir" && pwd)
   if [ -f "$dir/orthanc.pid" ] && kill -0 "$(cat "$dir/orthanc.pid")" 2>/dev/null; then

@@ -6,10 +6,18 @@ bash scripts/setup.sh
 if [ -f scripts/orthanc.sh ]; then
   bash scripts/orthanc.sh install || echo "test: Orthanc could not be installed; the PACS end-to-end tests will say so"
 fi
-# The viewer's browser tests drive Debian's chromium through Playwright (no browser download); without it they skip.
-if ! command -v chromium >/dev/null 2>&1; then
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
-    || echo "test: chromium could not be installed; the viewer's browser tests will say so"
+# System tools some tests drive, from Debian in one apt transaction; a test whose tool is missing skips and says why.
+#   dciodvfy (dicom3tools): DICOM conformance of the SR and Secondary Capture the service builds
+#   chromium: the viewer's browser tests, through Playwright (no browser download)
+missing=()
+command -v dciodvfy >/dev/null 2>&1 || missing+=(dicom3tools)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "test: installing ${missing[*]} from Debian"
+  { command -v apt-get >/dev/null 2>&1 && $sudo apt-get update -qq \
+      && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"; } \
+      >/dev/null 2>&1 || echo "test: could not install ${missing[*]}; the tests that need them will skip and say so"
 fi
 echo "test: ruff check"
 .venv/bin/ruff check .

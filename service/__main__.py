@@ -9,6 +9,8 @@ from types import FrameType
 
 from pydantic import ValidationError
 
+from service import security
+
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
@@ -23,6 +25,7 @@ def main() -> int:
         errs = "; ".join(f"OCT_{'_'.join(map(str, x['loc'])).upper()}: {x['msg']}" for x in e.errors())
         print(f"oct-service: invalid settings: {errs}", file=sys.stderr)
         return 2
+    security.enforce(settings)  # off loopback with no API key: exit 2 with the reason (service/security.py)
 
     import uvicorn
 

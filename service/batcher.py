@@ -119,7 +119,7 @@ class Batcher(Generic[T]):
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
         n = min(len(self._items), self.max_batch_size)
         batch = [self._items.popleft() for _ in range(n)]

@@ -10,6 +10,7 @@ from fastapi import Depends, Header, Request
 from service.engine import Engine
 from service.errors import NotReady, Unauthorized
 from service.metrics import Metrics
+from service.security import anonymous_off_loopback
 from service.settings import Settings
 
 
@@ -56,3 +57,11 @@ def require_api_key(
 
 
 AuthDep = Annotated[None, Depends(require_api_key)]
+
+
+def require_results_key(settings: SettingsDep) -> None:
+    """Results carry patient data (the SR and SC copy name, ID and birth date): never anonymous off loopback, even
+    with OCT_ALLOW_ANONYMOUS=true (which opens scoring only)."""
+    if anonymous_off_loopback(settings):
+        raise Unauthorized("results carry patient data and are served only with an API key when the service listens "
+                           "beyond loopback; set OCT_API_KEYS", headers={"WWW-Authenticate": "Bearer"})

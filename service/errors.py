@@ -15,6 +15,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.dicom.phi import scrub
+
 log = logging.getLogger("oct.service")
 
 PROBLEM_JSON = "application/problem+json"
@@ -52,6 +54,10 @@ class BadRequest(Problem):
     pass
 
 
+class InvalidParameters(Problem):
+    status, slug, title = 422, "invalid-parameters", "A path, query or header parameter failed validation"
+
+
 class Unauthorized(Problem):
     status, slug, title = 401, "unauthorized", "Missing or wrong API key"
 
@@ -84,6 +90,10 @@ class Overloaded(Problem):
     status, slug, title = 503, "overloaded", "Scoring queue is full; retry later"
 
 
+class Busy(Problem):
+    status, slug, title = 503, "busy", "Too much data in flight (OCT_MAX_INFLIGHT_*); retry later"
+
+
 class NotReady(Problem):
     status, slug, title = 503, "not-ready", "Model not loaded or still warming up"
 
@@ -98,7 +108,8 @@ _HTTP_SLUGS = {404: ("not-found", "Not found"), 405: ("method-not-allowed", "Met
 
 def problem_response(request: Request, status: int, slug: str, title: str, detail: str, *,
                      headers: dict[str, str] | None = None, errors: list[dict[str, Any]] | None = None) -> JSONResponse:
-    body = ProblemDetail(type=TYPE_PREFIX + slug, title=title, status=status, detail=detail,
+    # scrub: the last net under "no patient data in an error text" (service/dicom/phi.py).
+    body = ProblemDetail(type=TYPE_PREFIX + slug, title=title, status=status, detail=scrub(detail),
                          instance=request.url.path, request_id=request.scope.get("oct.request_id"), errors=errors)
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers,
                         media_type=PROBLEM_JSON)
@@ -115,7 +126,9 @@ async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
     # Keep location, message and type; drop `input`/`ctx`, which may echo request data back.
     errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
     detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors) or "invalid request"
-    return problem_response(request, 400, BadRequest.slug, BadRequest.title, detail, errors=errors)
+    # 422, as FastAPI documents validation errors in every operation's OpenAPI (errors.openapi_problems).
+    return problem_response(request, InvalidParameters.status, InvalidParameters.slug, InvalidParameters.title,
+                            detail, errors=errors)
 
 
 async def _on_http(request: Request, exc: Exception) -> JSONResponse:
@@ -127,7 +140,8 @@ async def _on_http(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.error("unhandled error on %s: %s: %s", request.url.path, type(exc).__name__, exc, exc_info=exc)
+    # The formatter scrubs the message and traceback of this request's DICOM text values (service/dicom/phi.py).
+    log.error("unhandled error on %s: %s", request.url.path, type(exc).__name__, exc_info=exc)
     return problem_response(request, 500, "internal-error", "Internal error",
                             "The service failed to handle this request; it has been logged.")
 
@@ -137,6 +151,39 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)
     app.add_exception_handler(Exception, _on_unexpected)
+    _document_validation_problems(app)
+
+
+def _document_validation_problems(app: FastAPI) -> None:
+    """FastAPI documents every 422 as `application/json` HTTPValidationError; the service answers problem+json."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = generate()
+        problem = {"schema": {"$ref": "#/components/schemas/ProblemDetail"}}
+        for item in schema.get("paths", {}).values():
+            for op in item.values():
+                answer = op.get("responses", {}).get("422")
+                if answer is None:
+                    continue
+                content = answer.setdefault("content", {})
+                if "HTTPValidationError" in str(content.get("application/json", "")):
+                    content.pop("application/json")
+                    slug = f"`{TYPE_PREFIX}{InvalidParameters.slug}`: {InvalidParameters.title}"
+                    answer["description"] = slug if answer.get("description") in (None, "", "Validation Error") \
+                        else f"{answer['description']}; {slug}"
+                content[PROBLEM_JSON] = problem
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
+        components.setdefault("ProblemDetail",
+                              ProblemDetail.model_json_schema(ref_template="#/components/schemas/{model}"))
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def problem_responses(*problems: type[Problem]) -> dict[int | str, dict[str, Any]]:

@@ -1,5 +1,6 @@
 """Logging set-up (`OCT_LOG_FORMAT` json|text) and the audit trail: one JSON line per request, no image or patient
-data."""
+data. Every line passes `scrub`, which blanks the text values of any DICOM object the current request parsed
+(what may appear in a log: docs/security.md)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import logging
 import sys
 import time
 from typing import Any
+
+from service.dicom.phi import scrub
 
 audit_log = logging.getLogger("oct.audit")
 
@@ -21,7 +24,7 @@ class JsonFormatter(logging.Formatter):
             out["msg"] = record.getMessage()
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+        return scrub(json.dumps(out, default=str))
 
 
 class TextFormatter(logging.Formatter):
@@ -32,7 +35,7 @@ class TextFormatter(logging.Formatter):
         if isinstance(record.msg, dict):  # audit lines stay JSON in text mode: they are meant for machines
             record = logging.makeLogRecord({**record.__dict__, "msg": json.dumps(record.msg, default=str),
                                             "args": None})
-        return super().format(record)
+        return scrub(super().format(record))
 
 
 def configure(log_format: str, level: str) -> None:

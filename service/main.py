@@ -8,7 +8,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service import errors
+from service import errors, security
+from service.budget import InFlight
 from service.engine import Engine
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestContext
@@ -19,6 +20,7 @@ from service.settings import Settings
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
     """`engine` is given when the caller loaded the model already (`python -m service` does, to fail fast)."""
     settings = settings or Settings()
+    security.require_safe(settings)
     metrics_ = engine.metrics if engine is not None else Metrics()
 
     @asynccontextmanager
@@ -39,6 +41,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.include_router(r)
     app.include_router(dicomweb.router)  # STOW-RS ingest + results; its lifespan runs the PACS delivery worker
     # Added last = outermost: every request gets an id and a metrics/audit record, even a refused upload.
-    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
+    app.state.inflight = InFlight.from_settings(settings)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes, budget=app.state.inflight.bytes)
     app.add_middleware(RequestContext, metrics=metrics_)
     return app

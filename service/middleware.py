@@ -1,4 +1,4 @@
-"""Two small ASGI middlewares: request context (id, metrics, audit line) and the streaming upload limit."""
+"""Two small ASGI middlewares: request context (id, metrics, audit line) and the streaming upload limits."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import uuid
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge, problem_response
+from service.budget import Budget
+from service.errors import Busy, PayloadTooLarge, problem_response
 from service.logs import audit
 from service.metrics import Metrics
 
@@ -57,34 +58,53 @@ class RequestContext:
 
 
 class BodyLimit:
-    """Refuses bodies over `max_bytes`: at once from Content-Length, else as soon as the streamed bytes pass it."""
+    """Refuses bodies over `max_bytes` (413) and bodies the bytes-in-flight `budget` cannot hold (503): at once from
+    Content-Length, else as soon as the streamed bytes pass either. What a request took is given back when it ends."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, budget: Budget | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.budget = budget
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        declared_n = int(declared) if declared is not None and declared.isdigit() else None
+        if declared_n is not None and declared_n > self.max_bytes:
             response = problem_response(Request(scope), PayloadTooLarge.status, PayloadTooLarge.slug,
-                                        PayloadTooLarge.title, self._detail(f"Content-Length {int(declared)}"))
+                                        PayloadTooLarge.title, self._detail(f"Content-Length {declared_n}"))
             await response(scope, receive, send)
             return
-        received = 0
+        received = taken = 0
+        try:
+            if self.budget is not None and declared_n:
+                try:
+                    self.budget.take(declared_n)
+                except Busy as e:
+                    response = problem_response(Request(scope), e.status, e.slug, e.title, e.detail,
+                                                headers=e.headers)
+                    await response(scope, receive, send)
+                    return
+                taken = declared_n
 
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise PayloadTooLarge(self._detail(f"over {received} bytes received"))
-            return message
+            async def counting_receive() -> Message:
+                nonlocal received, taken
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > self.max_bytes:
+                        raise PayloadTooLarge(self._detail(f"over {received} bytes received"))
+                    if self.budget is not None and received > taken:  # chunked, or more than declared
+                        self.budget.take(received - taken)
+                        taken = received
+                return message
 
-        await self.app(scope, counting_receive, send)
+            await self.app(scope, counting_receive, send)
+        finally:
+            if self.budget is not None and taken:
+                self.budget.give(taken)
 
     def _detail(self, what: str) -> str:
         return f"{what}; the limit is {self.max_bytes} bytes (OCT_MAX_UPLOAD_BYTES)"

@@ -34,7 +34,8 @@ class Settings(BaseSettings):
     max_image_side: int = Field(default=8192, ge=16)
     max_image_pixels: int = Field(default=40_000_000, ge=256)
 
-    # Comma-separated keys; empty leaves the API open. Health, readiness and metrics are always open.
+    # Comma-separated keys, all valid at once (rotation: add the new key, move clients, drop the old one). Health,
+    # readiness and metrics are always open. See docs/security.md and service/security.py.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
 
     host: str = "127.0.0.1"
@@ -52,6 +53,21 @@ class Settings(BaseSettings):
     pacs_retry_max: int = Field(default=8, ge=0)
     pacs_retry_backoff_s: float = Field(default=2.0, ge=0)
     results_dir: Path = Path("results")
+
+    # --- Safety (issue 10: service/security.py, service/upload.py, service/dicom/) ---
+    # Listening beyond loopback with no API key is refused at start unless this is true (results stay keyed anyway).
+    allow_anonymous: bool = False
+    # Bytes of request bodies held at once, and voxels of decoded DICOM objects held at once; a request that would
+    # pass either answers 503 + Retry-After instead of growing the process.
+    max_inflight_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+    max_inflight_voxels: int = Field(default=256 * 1024 * 1024, ge=1)
+    # A body up to this size stays in memory while it streams in; a larger one goes to a temporary file.
+    upload_spool_bytes: int = Field(default=1024 * 1024, ge=0)
+    # One DICOM object: all frames together, and each side (checked from the header, before decoding).
+    dicom_max_voxels: int = Field(default=128 * 1024 * 1024, ge=1)
+    dicom_max_side: int = Field(default=8192, ge=16)
+    # Delivered (or, with no PACS, stored) results are deleted after this many days; 0 keeps them for ever.
+    results_retention_days: float = Field(default=30.0, ge=0)
 
     @field_validator("model_version", mode="before")
     @classmethod

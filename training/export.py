@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         scripted.cpu().save(str(tmp / MODEL_FILE))
         manifest = Manifest(
             name=args.name, version=version, sha256=sha256_file(tmp / MODEL_FILE), torch_version=torch.__version__,
-            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             input=InputSpec(size=prep.size), preprocessing=prep.to_dict(), maps=maps, scores=specs,
             primary_score=primary, calibration=calibration,
             training=training_summary(ckpt, ckpt_path) | ({"prior": prior} if prior else {}),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,7 @@ from service.dicom.errors import (
     UnsupportedPixels,
     UnsupportedTransferSyntax,
 )
+from service.dicom.phi import library_error, text_values
 
 OPHTHALMIC_TOMOGRAPHY = "1.2.840.10008.5.1.4.1.1.77.1.5.4"
 PIXEL_DATA = 0x7FE00010
@@ -46,26 +48,49 @@ _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 @dataclass
 class DicomImage:
-    """A decoded DICOM image; `dataset` (pixel data included) is kept so result objects can be derived from it."""
+    """A decoded DICOM image. Pixels stay in their stored type (1 or 2 bytes a sample) and become float32 one frame
+    at a time (`frame`), so a volume costs its stored size, not four times it. `dataset` (without Pixel Data) is
+    kept so result objects can be derived from it; `phi` holds its text values (service.dicom.phi)."""
 
-    frames: np.ndarray  # (N, H, W) float32 in [0, 1]
+    stored: np.ndarray  # (N, H, W, samples) as decoded
     study_instance_uid: str
     series_instance_uid: str
     sop_instance_uid: str
     sop_class_uid: str
     transfer_syntax_uid: str
     dataset: Dataset
+    phi: frozenset[str] = frozenset()
 
     @property
     def number_of_frames(self) -> int:
-        return int(self.frames.shape[0])
+        return int(self.stored.shape[0])
+
+    def frame(self, index: int) -> np.ndarray:
+        """(H, W) float32 in [0, 1]."""
+        return _to_unit_gray(self.stored[index:index + 1], self.dataset)[0]
+
+    @property
+    def frames(self) -> np.ndarray:
+        """(N, H, W) float32 in [0, 1]: the whole volume at once (tests, small objects)."""
+        return _to_unit_gray(self.stored, self.dataset)
 
 
 def decode_dicom(data: bytes, *, max_total_pixels: int = MAX_TOTAL_PIXELS, max_side: int = MAX_SIDE,
-                 max_frame_pixels: int | None = None) -> DicomImage:
+                 max_frame_pixels: int | None = None, reserve: Callable[[int], None] | None = None) -> DicomImage:
     """Parse and decode a DICOM Part 10 file. Raises a `DicomProblem` subclass naming what is wrong.
-    The size limits are checked from the header, before any pixel is decoded."""
+    The size limits are checked from the header, before any pixel is decoded; then `reserve(voxels)` may refuse
+    (raise) when the service holds too many decoded voxels already. A raised DicomProblem carries the object's
+    text values in `phi`, so the caller can keep them out of what it logs."""
     ds = read_dataset(data)
+    try:
+        return _decode(ds, max_total_pixels, max_side, max_frame_pixels, reserve)
+    except DicomProblem as e:
+        e.phi = frozenset(text_values(ds))
+        raise
+
+
+def _decode(ds: Dataset, max_total_pixels: int, max_side: int, max_frame_pixels: int | None,
+            reserve: Callable[[int], None] | None) -> DicomImage:
     ts = _transfer_syntax(ds)
     _require_pixel_data(ds)
     rows, cols, n_frames = _geometry(ds, max_total_pixels, max_side)
@@ -76,12 +101,15 @@ def decode_dicom(data: bytes, *, max_total_pixels: int = MAX_TOTAL_PIXELS, max_s
         _check_fragments(ds, n_frames)
     else:
         _check_native_length(ds, rows, cols, n_frames)
-    raw = _decode_pixels(ds, n_frames)
-    frames = _to_unit_gray(raw.reshape(n_frames, rows, cols, -1), ds)
-    return DicomImage(frames=frames, study_instance_uid=str(ds.get("StudyInstanceUID", "")),
+    if reserve is not None:
+        reserve(rows * cols * n_frames)
+    raw = _decode_pixels(ds, n_frames).reshape(n_frames, rows, cols, -1)
+    # The pixels live on in `raw`; the encoded copy is not needed by the result builders.
+    del ds.PixelData
+    return DicomImage(stored=raw, study_instance_uid=str(ds.get("StudyInstanceUID", "")),
                       series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
                       sop_instance_uid=str(ds.get("SOPInstanceUID", "")), sop_class_uid=str(ds.SOPClassUID),
-                      transfer_syntax_uid=str(ts), dataset=ds)
+                      transfer_syntax_uid=str(ts), dataset=ds, phi=frozenset(text_values(ds)))
 
 
 def identify(data: bytes) -> tuple[str, str]:
@@ -111,13 +139,13 @@ def read_dataset(data: bytes) -> Dataset:
             warnings.simplefilter("always")
             ds = pydicom.dcmread(io.BytesIO(data))
     except InvalidDicomError as e:
-        raise NotDicom(f"not a DICOM Part 10 file: {_first_line(e)}") from e
+        raise NotDicom(f"not a DICOM Part 10 file ({library_error(e)})") from e
     except ValueError as e:
         if "transfer syntax" in str(e).lower():  # a private/unknown transfer syntax: the data set's encoding is unknown
-            raise UnsupportedTransferSyntax(f"unknown or private transfer syntax: {_first_line(e)}") from e
-        raise TruncatedDicom(f"the file cannot be parsed (truncated or corrupt): {_first_line(e)}") from e
+            raise UnsupportedTransferSyntax("unknown or private transfer syntax") from e
+        raise TruncatedDicom(f"the file cannot be parsed (truncated or corrupt; {library_error(e)})") from e
     except Exception as e:  # pydicom raises struct/EOF/value errors when the byte stream stops mid-element
-        raise TruncatedDicom(f"the file cannot be parsed (truncated or corrupt): {type(e).__name__}") from e
+        raise TruncatedDicom(f"the file cannot be parsed (truncated or corrupt; {library_error(e)})") from e
     if any("end of file" in str(w.message).lower() for w in caught):
         raise TruncatedDicom("the file ends inside a sequence or encapsulated pixel data")
     _check_last_element_complete(ds, len(data))
@@ -175,7 +203,9 @@ def _geometry(ds: Dataset, max_total_pixels: int, max_side: int) -> tuple[int, i
         bits_stored = int(ds.get("BitsStored", bits_allocated))
         photometric = str(ds.PhotometricInterpretation).strip().upper()
     except (AttributeError, TypeError, ValueError) as e:
-        raise UnsupportedPixels(f"missing or invalid image pixel attribute: {_first_line(e)}") from e
+        raise UnsupportedPixels(f"missing or invalid image pixel attribute (Rows, Columns, NumberOfFrames, "
+                                f"BitsAllocated, BitsStored, SamplesPerPixel, PhotometricInterpretation; "
+                                f"{library_error(e)})") from e
     if rows < 1 or cols < 1 or n_frames < 1:
         raise UnsupportedPixels(f"Rows={rows}, Columns={cols}, NumberOfFrames={n_frames}: all must be ≥ 1")
     if rows > max_side or cols > max_side or rows * cols * n_frames > max_total_pixels:
@@ -215,7 +245,7 @@ def _check_fragments(ds: Dataset, n_frames: int) -> None:
         offsets = parse_basic_offsets(buf)
         n_fragments, _ = parse_fragments(buf)
     except Exception as e:
-        raise TruncatedDicom(f"encapsulated pixel data is malformed: {_first_line(e)}") from e
+        raise TruncatedDicom(f"encapsulated pixel data is malformed ({library_error(e)})") from e
     # Each frame is one or more fragments; a Basic Offset Table, when present, has exactly one entry per frame.
     if n_fragments < n_frames or (offsets and len(offsets) != n_frames):
         held = len(offsets) if offsets else n_fragments
@@ -227,19 +257,19 @@ def _decode_pixels(ds: Dataset, n_frames: int) -> np.ndarray:
     try:
         arr = ds.pixel_array
     except ValueError as e:
-        msg = _first_line(e)
+        msg = str(e)
         if "frame" in msg.lower() or "less than expected" in msg:
-            raise FrameCountMismatch(f"pixel data does not match NumberOfFrames={n_frames}: {msg}") from e
-        raise DicomProblem(f"pixel data cannot be decoded: {msg}") from e
+            raise FrameCountMismatch(f"pixel data does not match NumberOfFrames={n_frames}") from e
+        raise DicomProblem(f"pixel data cannot be decoded ({library_error(e)})") from e
     except StopIteration as e:  # pydicom's frame generator ran out: fewer frames than NumberOfFrames
         raise FrameCountMismatch(f"the pixel data holds fewer than NumberOfFrames={n_frames} frames") from e
     except Exception as e:  # a codec plugin raising on corrupt compressed data is a bad upload, not a crash
-        raise DicomProblem(f"pixel data cannot be decoded: {type(e).__name__}: {_first_line(e)}") from e
+        raise DicomProblem(f"pixel data cannot be decoded ({library_error(e)})") from e
     if str(ds.PhotometricInterpretation).strip().upper() == "PALETTE COLOR":
         try:
             arr = apply_color_lut(arr, ds)
         except Exception as e:
-            raise UnsupportedPixels(f"palette colour lookup failed: {_first_line(e)}") from e
+            raise UnsupportedPixels(f"palette colour lookup failed ({library_error(e)})") from e
     expected = n_frames * int(ds.Rows) * int(ds.Columns)
     if arr.size not in (expected, expected * 3):
         raise FrameCountMismatch(f"decoded {arr.size} samples, expected {expected} for NumberOfFrames={n_frames}")
@@ -277,7 +307,3 @@ def _rescale(ds: Dataset) -> tuple[float, float]:
     slope, intercept = float(source.get("RescaleSlope", 1.0) or 1.0), float(source.get("RescaleIntercept", 0.0) or 0)
     return (slope if slope != 0 else 1.0), intercept
 
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0][:200] if s else type(e).__name__

@@ -1,10 +1,9 @@
 """Durable outbox of result objects and their delivery to the PACS by STOW-RS.
 
-Files first, network second: a result is written completely to `OCT_RESULTS_DIR/<source SOP Instance UID>/`
-(`sr.dcm`, `sc.dcm`, `record.json`) in a temporary folder renamed into place, so a crash never leaves half a
-result. Only then is it marked pending and handed to the worker. The worker POSTs pending results to
-`OCT_PACS_STOW_URL` (basic auth from OCT_PACS_USERNAME/PASSWORD, or a bearer OCT_PACS_TOKEN) and records each
-attempt in `record.json`; on start-up it picks up everything still pending, so a restart loses nothing.
+Files first, network second: a result is stored completely in the outbox (service/dicom/outbox.py) before it is
+pending. The worker claims due results from the outbox's index, POSTs them to `OCT_PACS_STOW_URL` (basic auth from
+OCT_PACS_USERNAME/PASSWORD, or a bearer OCT_PACS_TOKEN) and records each attempt for the revision it sent; on
+start-up it picks up everything still pending, so a restart loses nothing.
 
 Retry policy: a PACS that is unreachable, times out, or answers 408/429/5xx is retried forever, with exponential
 backoff OCT_PACS_RETRY_BACKOFF_S × 2^(attempt−1) capped at MAX_BACKOFF_S; the results wait on disk. A PACS that
@@ -16,101 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
-import os
-import shutil
 import time
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
-from pydicom.dataset import Dataset
 
 from service.dicom.multipart import build_related
-from service.dicom.results import is_uid
-from service.dicom.schemas import Delivery, ResultRecord
+from service.dicom.outbox import Due, Outbox
+from service.dicom.schemas import Delivery
 
 log = logging.getLogger("oct.pacs")
 
 MAX_BACKOFF_S = 300.0
-RECORD = "record.json"
 _TRANSIENT_STATUS = {408, 425, 429}
-
-
-def dicom_bytes(ds: Dataset) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-class Outbox:
-    """`root/<source SOP Instance UID>/{record.json, sr.dcm, sc.dcm}`; all writes are atomic renames."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        for stale in self.root.glob(".tmp-*"):  # a crash mid-write leaves only these; they were never pending
-            shutil.rmtree(stale, ignore_errors=True)
-
-    def path(self, source_uid: str) -> Path:
-        if not is_uid(source_uid):
-            raise KeyError(source_uid)
-        return self.root / source_uid
-
-    def put(self, record: ResultRecord, files: dict[str, bytes]) -> None:
-        """Store a complete result (replacing an older one for the same source instance)."""
-        final = self.path(record.source_sop_instance_uid)
-        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
-        tmp.mkdir()
-        for name, data in files.items():
-            _write_synced(tmp / name, data)
-        _write_synced(tmp / RECORD, record.model_dump_json(indent=1).encode())
-        old = None
-        if final.exists():
-            old = self.root / f".tmp-{uuid.uuid4().hex}"
-            final.rename(old)
-        tmp.rename(final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def get(self, source_uid: str) -> ResultRecord | None:
-        try:
-            return ResultRecord.model_validate_json((self.path(source_uid) / RECORD).read_bytes())
-        except (KeyError, FileNotFoundError):
-            return None
-
-    def file(self, source_uid: str, name: str) -> Path | None:
-        p = self.path(source_uid) / name
-        return p if p.is_file() else None
-
-    def update_delivery(self, source_uid: str, delivery: Delivery) -> None:
-        record = self.get(source_uid)
-        if record is None:
-            return
-        record.delivery = delivery
-        path = self.path(source_uid) / RECORD
-        tmp = path.with_name(f".{RECORD}.{uuid.uuid4().hex}")
-        _write_synced(tmp, record.model_dump_json(indent=1).encode())
-        os.replace(tmp, path)
-
-    def records(self) -> list[ResultRecord]:
-        out = []
-        for d in self.root.iterdir():
-            if d.is_dir() and is_uid(d.name) and (rec := self.get(d.name)) is not None:
-                out.append(rec)
-        return sorted(out, key=lambda r: r.created_at)
-
-    def pending(self) -> list[ResultRecord]:
-        return [r for r in self.records() if r.delivery.status == "pending"]
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+CLAIM_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -171,28 +90,31 @@ class DeliveryWorker:
 
     async def _deliver_due(self, client: httpx.AsyncClient) -> float:
         """Deliver every due result; return how long to sleep before the next one is due."""
-        next_due = 60.0
-        for record in await asyncio.to_thread(self.outbox.pending):
-            if self._stopping:
+        # A claim outlives one attempt, so a second process's worker never sends the same result meanwhile.
+        lease_s = self.target.timeout_s * 2 + 10
+        while not self._stopping:
+            batch = await asyncio.to_thread(self.outbox.claim_due, time.time(), lease_s, CLAIM_BATCH)
+            for due in batch:
+                if self._stopping:
+                    # Give the claim back: the next start (or another process) delivers it without waiting.
+                    await asyncio.to_thread(self.outbox.update_delivery, due.uid, due.delivery, due.revision)
+                    continue
+                await self.deliver(client, due)
+            if len(batch) < CLAIM_BATCH:
                 break
-            due_in = (record.delivery.next_attempt_at or 0) - time.time()
-            if due_in > 0:
-                next_due = min(next_due, due_in)
-                continue
-            delivery = await self.deliver(client, record)
-            if delivery.status == "pending" and delivery.next_attempt_at is not None:
-                next_due = min(next_due, max(0.0, delivery.next_attempt_at - time.time()))
-        return next_due
+        next_at = await asyncio.to_thread(self.outbox.next_due)
+        return 60.0 if next_at is None else min(60.0, max(0.0, next_at - time.time()))
 
-    async def deliver(self, client: httpx.AsyncClient, record: ResultRecord) -> Delivery:
-        uid = record.source_sop_instance_uid
+    async def deliver(self, client: httpx.AsyncClient, due: Due) -> Delivery:
+        uid = due.uid
+        record = await asyncio.to_thread(self.outbox.get, uid)
         bodies = []
-        for inst in record.instances:
+        for inst in record.instances if record is not None else []:
             path = self.outbox.file(uid, f"{inst.kind}.dcm")
             if path is not None:
                 bodies.append(await asyncio.to_thread(path.read_bytes))
         body, content_type = build_related(bodies)
-        d = record.delivery.model_copy()
+        d = due.delivery.model_copy()
         d.attempts += 1
         permanent, error = False, None
         try:
@@ -212,7 +134,9 @@ class DeliveryWorker:
             d.last_error, d.next_attempt_at = error, now + self.target.backoff(d.attempts)
             log.warning("delivery of %s failed (attempt %d, next in %.0f s): %s", uid, d.attempts,
                         d.next_attempt_at - now, error)
-        await asyncio.to_thread(self.outbox.update_delivery, uid, d)
+        # Only for the revision that was sent: a result re-sent meanwhile stays pending with its new bytes.
+        if not await asyncio.to_thread(self.outbox.update_delivery, uid, d, due.revision):
+            log.info("results of %s were replaced during delivery; the new revision stays pending", uid)
         return d
 
 
@@ -229,6 +153,7 @@ def _stow_error(resp: httpx.Response) -> str | None:
             return None  # accepted with warnings only (e.g. coerced attributes): stored
         reasons = [str(f.get("00081197", {}).get("Value", ["?"])[0]) for f in failed]
         return f"PACS stored only some instances; failure reasons {reasons}"
-    text = resp.text[:200].replace("\n", " ")
-    return f"HTTP {resp.status_code}: {text}"
+    # Status only: a PACS's error text may quote the objects' patient attributes, and this string is logged and
+    # served in /dicomweb/results.
+    return f"HTTP {resp.status_code} {resp.reason_phrase}".strip()
 

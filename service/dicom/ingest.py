@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from starlette.requests import Request
 
-from service.dicom.decode import MAX_TOTAL_PIXELS, DicomImage, decode_dicom
-from service.dicom.delivery import Outbox, dicom_bytes
+from service.budget import Budget, inflight
+from service.dicom import phi
+from service.dicom.decode import DicomImage, decode_dicom
 from service.dicom.errors import DicomProblem, OwnResult, ResultsNotBuildable, StudyMismatch
+from service.dicom.outbox import Outbox, dicom_bytes
+from service.dicom.phi import library_error
 from service.dicom.results import MANUFACTURER, ResultIds, fill_type2, is_uid
 from service.dicom.sc import build_sc
 from service.dicom.schemas import Delivery, ResultInstance, ResultRecord, VolumeScoreResult
@@ -22,25 +27,54 @@ from service.dicom.sr import build_sr
 from service.dicom.volume import score_volume
 
 
-async def decode(engine: Any, data: bytes) -> DicomImage:
+@asynccontextmanager
+async def decoded(engine: Any, data: bytes, voxels: Budget | None = None) -> AsyncIterator[DicomImage]:
+    """The decoded object, its voxels counted against `voxels` (OCT_MAX_INFLIGHT_VOXELS) while the caller holds it,
+    and its text values kept out of this request's logs and errors (service.dicom.phi)."""
     s = engine.settings
-    return await engine.run_cpu(lambda: decode_dicom(data, max_total_pixels=MAX_TOTAL_PIXELS,
-                                                     max_side=s.max_image_side, max_frame_pixels=s.max_image_pixels))
+    taken = 0
+
+    def reserve(n: int) -> None:
+        nonlocal taken
+        if voxels is not None:
+            voxels.take(n)
+            taken = n
+
+    try:
+        try:
+            image = await engine.run_cpu(lambda: decode_dicom(
+                data, max_total_pixels=s.dicom_max_voxels, max_side=s.dicom_max_side,
+                max_frame_pixels=s.max_image_pixels, reserve=reserve))
+        except DicomProblem as e:
+            phi.remember(getattr(e, "phi", ()))
+            raise
+        phi.remember(image.phi)
+        yield image
+    finally:
+        if voxels is not None and taken:
+            voxels.give(taken)
 
 
 async def score_dicom(engine: Any, data: bytes, *, heatmaps: bool, preview: bool = False,
-                      request_id: str | None = None, started: float | None = None) -> VolumeScoreResult:
+                      request_id: str | None = None, started: float | None = None,
+                      voxels: Budget | None = None) -> VolumeScoreResult:
     """`/score` with a DICOM body: per-frame and volume scores (see service.dicom.schemas.AGGREGATION_DOC)."""
     started = time.perf_counter() if started is None else started
-    image = await decode(engine, data)
-    return await score_volume(engine, image, heatmaps=heatmaps, preview=preview, request_id=request_id,
-                              started=started)
+    async with decoded(engine, data, voxels) as image:
+        return await score_volume(engine, image, heatmaps=heatmaps, preview=preview, request_id=request_id,
+                                  started=started)
 
 
 async def ingest(engine: Any, outbox: Outbox, data: bytes, *, base_url: str, study: str | None = None,
-                 deliver: bool = True, request_id: str | None = None) -> ResultRecord:
+                 deliver: bool = True, request_id: str | None = None, voxels: Budget | None = None) -> ResultRecord:
     """Score one STOW-RS instance and store its SR + SC (status `pending` when `deliver`, else `local`)."""
-    image = await decode(engine, data)
+    async with decoded(engine, data, voxels) as image:
+        return await _ingest(engine, outbox, image, base_url=base_url, study=study, deliver=deliver,
+                             request_id=request_id)
+
+
+async def _ingest(engine: Any, outbox: Outbox, image: DicomImage, *, base_url: str, study: str | None,
+                  deliver: bool, request_id: str | None) -> ResultRecord:
     ds = image.dataset
     if study is not None and image.study_instance_uid != study:
         raise StudyMismatch(f"instance is in study {image.study_instance_uid}, the URL names {study}")
@@ -51,7 +85,7 @@ async def ingest(engine: Any, outbox: Outbox, data: bytes, *, base_url: str, stu
             raise ResultsNotBuildable(f"{name} is missing or not a valid UID")
     result = await score_volume(engine, image, heatmaps=False, request_id=request_id)
     # The heatmap for the overlay: the most anomalous frame again, with maps (same input → same scores).
-    top = await engine.score_gray(image.frames[result.max_frame], heatmaps=True)
+    top = await engine.score_gray(image.frame(result.max_frame), heatmaps=True)
     ids = ResultIds(image.series_instance_uid, image.sop_instance_uid, result.model)
 
     def build() -> dict[str, Any]:
@@ -60,7 +94,7 @@ async def ingest(engine: Any, outbox: Outbox, data: bytes, *, base_url: str, stu
         maps = top.heatmaps or {}
         if maps:
             name = engine.primary if engine.primary in maps else next(iter(maps))
-            objs["sc"] = build_sc(source, image.frames[result.max_frame], name, maps[name], engine.cfg, result, ids)
+            objs["sc"] = build_sc(source, image.frame(result.max_frame), name, maps[name], engine.cfg, result, ids)
         return objs
 
     try:
@@ -69,7 +103,8 @@ async def ingest(engine: Any, outbox: Outbox, data: bytes, *, base_url: str, stu
     except DicomProblem:
         raise
     except (ValueError, TypeError, AttributeError, KeyError) as e:  # highdicom validating the source's attributes
-        raise ResultsNotBuildable(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from e
+        # By type only: highdicom's messages quote attribute values, which may be the patient's (service.dicom.phi).
+        raise ResultsNotBuildable(f"highdicom refused the source's attributes ({library_error(e)})") from e
     uid = image.sop_instance_uid
     record = ResultRecord(
         source_sop_instance_uid=uid, study_instance_uid=image.study_instance_uid, created_at=time.time(),
@@ -85,7 +120,8 @@ async def score_dicom_upload(request: Request, engine: Any, data: bytes, *, heat
                              preview: bool = False) -> VolumeScoreResult:
     """The DICOM branch of `POST /score`: scores + the audit fields (UIDs and scores only, never patient data)."""
     result = await score_dicom(engine, data, heatmaps=heatmaps, preview=preview,
-                               request_id=request.scope.get("oct.request_id"), started=started)
+                               request_id=request.scope.get("oct.request_id"), started=started,
+                               voxels=inflight(request.app).voxels)
     request.scope.setdefault("oct.audit", {}).update(
         score=result.score, is_anomalous=result.is_anomalous, percentile=round(result.percentile, 2),
         frames=result.number_of_frames, max_frame=result.max_frame, sop_instance_uid=result.sop_instance_uid)

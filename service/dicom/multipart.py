@@ -21,7 +21,7 @@ class MultipartError(ValueError):
 @dataclass(frozen=True)
 class Part:
     headers: dict[str, str]  # lower-cased names
-    body: bytes
+    body: bytes | memoryview  # a view into the request body, not a copy of it
 
     @property
     def media_type(self) -> str:
@@ -65,7 +65,7 @@ def parse_related(body: bytes, boundary: str) -> list[Part]:
 
 def _part(body: bytes, start: int, end: int, number: int) -> Part:
     if body.startswith(b"\r\n", start):
-        return Part({}, body[start + 2:end])
+        return Part({}, memoryview(body)[start + 2:end])
     head_end = body.find(b"\r\n\r\n", start, end)
     if head_end < 0:
         raise MultipartError(f"part {number} has no empty line ending its headers")
@@ -75,7 +75,7 @@ def _part(body: bytes, start: int, end: int, number: int) -> Part:
         if not sep or not name.strip():
             raise MultipartError(f"part {number} has a malformed header line")
         headers[name.strip().lower()] = value.strip()
-    return Part(headers, body[head_end + 4:end])
+    return Part(headers, memoryview(body)[head_end + 4:end])
 
 
 def build_related(bodies: list[bytes], media_type: str = "application/dicom") -> tuple[bytes, str]:

@@ -57,6 +57,9 @@ def build_sc(source: Dataset, gray: np.ndarray, heatmap_name: str, heatmap_png_b
         # Type 2: a B-scan's lateral direction depends on the scan pattern, which the source did not state, so
         # leave it empty rather than assert one (highdicom only takes a value, hence the placeholder above).
         sc.PatientOrientation = ""
+    # General Series Laterality, Type 2C: the eye is a paired structure. R or L from the source (an OCT states it
+    # as Image Laterality, or per frame); empty when unknown or both, which Type 2 allows.
+    sc.Laterality = _laterality(source)
     sc.BurnedInAnnotation = "NO"
     sc.ImageComments = (f"{heatmap_name} heatmap over frame {frame_number} of {result.number_of_frames}; "
                         f"score {result.score:.6g}, threshold {result.threshold:.6g}, "
@@ -64,6 +67,14 @@ def build_sc(source: Dataset, gray: np.ndarray, heatmap_name: str, heatmap_png_b
     sc.DerivationDescription = f"Anomaly heatmap from {model_label(result.model)}"
     sc.SourceImageSequence = [_frame_ref(source, frame_number)]
     return sc
+
+
+def _laterality(source: Dataset) -> str:
+    candidates = [source.get("ImageLaterality"), source.get("Laterality")]
+    for group in source.get("SharedFunctionalGroupsSequence") or ():
+        for anatomy in group.get("FrameAnatomySequence") or ():
+            candidates.append(anatomy.get("FrameLaterality"))
+    return next((str(c) for c in candidates if str(c or "") in ("R", "L")), "")
 
 
 def _orientation(source: Dataset) -> tuple[str, str]:

@@ -22,7 +22,7 @@ async def score_volume(engine: Any, image: DicomImage, *, heatmaps: bool, previe
 
     async def one(i: int) -> ScoreResult:
         async with gate:
-            return await engine.score_gray(image.frames[i], heatmaps=heatmaps, preview=preview, started=started)
+            return await engine.score_gray(image.frame(i), heatmaps=heatmaps, preview=preview, started=started)
 
     results = await asyncio.gather(*(one(i) for i in range(image.number_of_frames)))
     return aggregate(results, image, higher_is_anomalous=engine.higher_is_anomalous, request_id=request_id,

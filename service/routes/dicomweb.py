@@ -8,6 +8,7 @@ names it in ReferencedSOPSequence, so "stored" means "scored and durable". Deliv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,7 +17,8 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 
-from service.deps import EngineDep, require_api_key
+from service.budget import inflight
+from service.deps import EngineDep, require_api_key, require_results_key
 from service.dicom.decode import identify
 from service.dicom.delivery import DeliveryWorker, Outbox, PacsTarget
 from service.dicom.errors import DicomProblem, ResultNotFound
@@ -25,7 +27,18 @@ from service.dicom.multipart import MultipartError, content_type_params, parse_r
 from service.dicom.results import is_uid
 from service.dicom.schemas import ResultRecord, ResultSummary
 from service.dicom.stow import DICOM_JSON, StowOutcome
-from service.errors import BadRequest, NotReady, Overloaded, UnsupportedMediaType, problem_responses
+from service.errors import (
+    BadRequest,
+    Busy,
+    InvalidParameters,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+    problem_responses,
+)
+from service.upload import read_body
 
 log = logging.getLogger("oct.dicomweb")
 PROCESSING_FAILURE = 0x0110
@@ -39,19 +52,38 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     target = PacsTarget.from_settings(settings)
     worker = DeliveryWorker(outbox, target) if target.url else None
     task = asyncio.create_task(worker.run(), name="pacs-delivery") if worker else None
+    retention = (asyncio.create_task(_purge_forever(outbox, settings.results_retention_days * 86400.0),
+                                     name="results-retention") if settings.results_retention_days else None)
     app.state.dicom_outbox, app.state.dicom_delivery = outbox, worker
-    log.info("results in %s; delivery to the PACS %s", settings.results_dir,
+    log.info("results in %s (%s); delivery to the PACS %s", settings.results_dir,
+             f"kept {settings.results_retention_days:g} days after delivery" if retention else "kept for ever",
              "enabled" if worker else "off (OCT_PACS_STOW_URL empty)")
     try:
         yield
     finally:
+        if retention:
+            retention.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await retention
         if worker and task:
             await worker.stop()
             await task
+        await asyncio.to_thread(outbox.close)
+
+
+async def _purge_forever(outbox: Outbox, older_than_s: float) -> None:
+    """OCT_RESULTS_RETENTION_DAYS: delete delivered (or local) results past it, at start and then hourly."""
+    while True:
+        try:
+            while (n := await asyncio.to_thread(outbox.purge, older_than_s)) > 0:
+                log.info("retention: deleted %d results older than %.0f s", n, older_than_s)
+        except Exception as e:  # a full disk or a locked index must not end the service
+            log.error("retention sweep failed: %s", type(e).__name__)
+        await asyncio.sleep(min(3600.0, max(1.0, older_than_s / 10)))
 
 
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=[Depends(require_api_key)],
-                   lifespan=lifespan)
+                   responses=problem_responses(Unauthorized), lifespan=lifespan)
 
 
 def get_outbox(request: Request) -> Outbox:
@@ -69,7 +101,8 @@ _STOW_RESPONSES = {
           "content": {DICOM_JSON: {}}},
     202: {"description": "Some instances scored, others listed in FailedSOPSequence", "content": {DICOM_JSON: {}}},
     409: {"description": "No instance could be scored; reasons in FailedSOPSequence", "content": {DICOM_JSON: {}}},
-    **problem_responses(BadRequest, UnsupportedMediaType, Overloaded, NotReady),
+    **problem_responses(BadRequest, Unauthorized, PayloadTooLarge, UnsupportedMediaType, InvalidParameters, Overloaded,
+                        Busy, NotReady),
 }
 
 
@@ -95,7 +128,7 @@ async def _stow(request: Request, engine: EngineDep, outbox: Outbox, study: str 
                                    f"{request.headers.get('content-type') or '(none)'!r}")
     if not engine.ready:
         raise NotReady(engine.not_ready_reason, headers={"Retry-After": str(engine.settings.retry_after_s)})
-    body = await request.body()
+    body = await read_body(request, engine.settings)
     try:
         parts = parse_related(body, params.get("boundary", ""))
     except MultipartError as e:
@@ -112,18 +145,18 @@ async def _stow(request: Request, engine: EngineDep, outbox: Outbox, study: str 
             continue
         try:
             record = await ingest(engine, outbox, part.body, base_url=base_url, study=study, deliver=worker is not None,
-                                  request_id=request.scope.get("oct.request_id"))
+                                  request_id=request.scope.get("oct.request_id"), voxels=inflight(request.app).voxels)
         except DicomProblem as e:
             sop_class, sop_uid = identify(part.body)
             outcome.failed.append((sop_class, sop_uid, e.failure_reason))
             log.warning("STOW part %d (%s) refused: %s: %s", n, sop_uid or "no UID", e.slug, e.detail)
             continue
-        except (NotReady, Overloaded):
+        except (NotReady, Overloaded, Busy):
             raise  # the whole request gets a 503 and the router retries; what was stored is stored idempotently
         except Exception as e:  # a bug must cost one instance (reported as a processing failure), not a 500
             sop_class, sop_uid = identify(part.body)
             outcome.failed.append((sop_class, sop_uid, PROCESSING_FAILURE))
-            log.error("STOW part %d (%s) failed: %s: %s", n, sop_uid or "no UID", type(e).__name__, e, exc_info=e)
+            log.error("STOW part %d (%s) failed: %s", n, sop_uid or "no UID", type(e).__name__, exc_info=e)
             continue
         r = record.result
         url = f"{base_url}/dicomweb/results/{r.sop_instance_uid}"
@@ -138,21 +171,24 @@ async def _stow(request: Request, engine: EngineDep, outbox: Outbox, study: str 
     return JSONResponse(outcome.to_json(), status_code=outcome.http_status, media_type=DICOM_JSON)
 
 
-@router.get("/results", response_model=list[ResultSummary], summary="Scored instances, oldest first")
+_RESULTS_KEY = [Depends(require_results_key)]
+
+
+@router.get("/results", response_model=list[ResultSummary], summary="The newest results, oldest first",
+            dependencies=_RESULTS_KEY, responses=problem_responses(NotReady))
 async def list_results(request: Request, outbox: OutboxDep,
                        study_instance_uid: Annotated[str | None, Query()] = None,
                        limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[ResultSummary]:
     base = str(request.base_url).rstrip("/")
-    records = await asyncio.to_thread(outbox.records)
-    if study_instance_uid:
-        records = [r for r in records if r.study_instance_uid == study_instance_uid]
-    return [ResultSummary(source_sop_instance_uid=r.source_sop_instance_uid, study_instance_uid=r.study_instance_uid,
-                          score=r.result.score, is_anomalous=r.result.is_anomalous,
-                          delivery_status=r.delivery.status, url=f"{base}/dicomweb/results/{r.source_sop_instance_uid}")
-            for r in records[-limit:]]
+    rows = await asyncio.to_thread(outbox.summaries, limit, study_instance_uid)
+    return [ResultSummary(source_sop_instance_uid=r.uid, study_instance_uid=r.study, score=r.score,
+                          is_anomalous=r.is_anomalous, delivery_status=r.status, url=f"{base}/dicomweb/results/{r.uid}")
+            for r in rows]
 
 
-@router.get("/results/{sop_instance_uid}", response_model=ResultRecord, responses=problem_responses(ResultNotFound),
+@router.get("/results/{sop_instance_uid}", response_model=ResultRecord,
+            responses=problem_responses(ResultNotFound, NotReady),
+            dependencies=_RESULTS_KEY,
             summary="Scores, result instances (SR, SC) and delivery status of one scored instance")
 async def get_result(outbox: OutboxDep, sop_instance_uid: str) -> ResultRecord:
     record = await asyncio.to_thread(outbox.get, sop_instance_uid)
@@ -162,7 +198,8 @@ async def get_result(outbox: OutboxDep, sop_instance_uid: str) -> ResultRecord:
 
 
 @router.get("/results/{sop_instance_uid}/{kind}.dcm", response_class=FileResponse,
-            responses={200: {"content": {"application/dicom": {}}}, **problem_responses(ResultNotFound)},
+            responses={200: {"content": {"application/dicom": {}}}, **problem_responses(ResultNotFound, NotReady)},
+            dependencies=_RESULTS_KEY,
             summary="Download a result instance (sr: Structured Report, sc: heatmap overlay)")
 async def get_result_file(outbox: OutboxDep, sop_instance_uid: str, kind: Literal["sr", "sc"]) -> FileResponse:
     path = outbox.file(sop_instance_uid, f"{kind}.dcm") if is_uid(sop_instance_uid) else None

@@ -14,8 +14,10 @@ from service.dicom.ingest import score_dicom_upload
 from service.dicom.schemas import VolumeScoreResult
 from service.errors import (
     BadRequest,
+    Busy,
     DecompressionBomb,
     ImageTooLarge,
+    InvalidParameters,
     NotReady,
     Overloaded,
     PayloadTooLarge,
@@ -28,6 +30,7 @@ from service.errors import (
 from service.imaging import DECODERS, Decoder, Limits, decoder_for_upload
 from service.schemas import ScoreResult
 from service.settings import Settings
+from service.upload import read_body
 
 router = APIRouter(tags=["score"], dependencies=[Depends(require_api_key)])
 
@@ -55,17 +58,15 @@ async def read_upload(request: Request, settings: Settings) -> tuple[bytes, Deco
     if decoder is None and media != "application/dicom":  # DICOM is decoded by service.dicom in score()
         raise UnsupportedMediaType(f"Content-Type {media or '(none)'!r}; send multipart/form-data with a 'file' "
                                    f"part, or a raw body of type {', '.join(sorted(DECODERS))}")
-    data = await request.body()
-    if not data:
-        raise BadRequest("empty request body")
-    return data, decoder
+    return await read_body(request, settings), decoder
 
 
 @router.post(
     "/score", response_model=ScoreResult | VolumeScoreResult, response_model_exclude_none=True,
     openapi_extra=_REQUEST_BODY,
     responses=problem_responses(BadRequest, Unauthorized, PayloadTooLarge, UnsupportedMediaType, UndecodableImage,
-                                ImageTooLarge, DecompressionBomb, UnsupportedImage, Overloaded, NotReady),
+                                ImageTooLarge, DecompressionBomb, UnsupportedImage, InvalidParameters, Overloaded,
+                                Busy, NotReady),
     summary="Score one OCT B-scan",
 )
 async def score(

@@ -22,11 +22,13 @@ SCHEMA = Path(__file__).resolve().parent / "compose_spec" / "compose-spec.json"
 
 # --- Dockerfile -----------------------------------------------------------------------------------------------------
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?[-+]([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?[-+?]([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
 def substitute(text: str, variables: dict[str, str]) -> str:
-    """`${X}`, `$X`, `${X:-default}`, `${X:+alt}` with the given values (unset → empty or the default)."""
+    """`${X}`, `$X`, `${X:-default}`, `${X:+alt}`, `${X:?error}` with the given values (unset → empty or the
+    default; a required `?` variable that is unset → empty, as the check of what compose would refuse lives in
+    the tests)."""
 
     def repl(m: re.Match[str]) -> str:
         name = m.group(1) or m.group(3)
@@ -36,6 +38,8 @@ def substitute(text: str, variables: dict[str, str]) -> str:
             op = m.group(0)[len(name) + 2:].lstrip(":")[:1]
             if op == "+":
                 return alt if value else ""
+            if op == "?":
+                return value
             return value or alt
         return value
 

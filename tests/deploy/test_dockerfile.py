@@ -6,16 +6,12 @@ from __future__ import annotations
 import json
 import re
 import sys
+import tomllib
 
 import pytest
 from deployfiles import ROOT, DockerIgnore, copies, image_reference_pinned, parse_dockerfile
 from packaging.requirements import Requirement
 from packaging.version import Version
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 DOCKERFILE = ROOT / "Dockerfile.gpu"
 SERVE, TRAIN = "serve", "train"

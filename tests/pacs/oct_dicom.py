@@ -90,3 +90,69 @@ def compress(ds: Dataset, transfer_syntax: str) -> Dataset:
     lossy = {"1.2.840.10008.1.2.4.91": {"j2k_cr": [10]}, "1.2.840.10008.1.2.4.81": {"jls_error": 2}}
     ds.compress(transfer_syntax, frames if frames.shape[0] > 1 else frames[0], **lossy.get(transfer_syntax, {}))
     return ds
+
+
+def conformant_oct(frames: np.ndarray) -> Dataset:
+    """An Ophthalmic Tomography Image that dciodvfy (dicom3tools) passes without error: `oct_dataset` plus every
+    module the IOD requires (enhanced equipment, acquisition context, OCT parameters, functional groups,
+    dimensions), with the laterality where the IOD wants it (Image Laterality, not the series' Laterality)."""
+    ds = oct_dataset(frames)
+    del ds.Laterality
+    n = int(ds.NumberOfFrames)
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.AcquisitionDateTime = "20261125101500"
+    ds.ContentDate, ds.ContentTime = "20261125", "101500"
+    ds.AcquisitionNumber = 1
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.AcquisitionDuration = 1.0
+    # The OPT Image module fixes these (Type 1, enumerated 0 / 1 / 1: an OCT image is never split up); dicom3tools'
+    # Multi-frame Functional Groups module flags them outside a concatenation (tests/pacs/test_conformance.py).
+    ds.ConcatenationFrameOffsetNumber = 0
+    ds.InConcatenationNumber = 1
+    ds.InConcatenationTotalNumber = 1
+    ds.ManufacturerModelName = "Phantom"
+    ds.DeviceSerialNumber = "0001"
+    ds.SoftwareVersions = "1"
+    ds.AcquisitionContextSequence = []
+    ds.AnatomicRegionSequence = [_code("81745001", "SCT", "Eye")]
+    ds.AcquisitionDeviceTypeCodeSequence = [_code("392012008", "SCT", "Optical Coherence Tomography Scanner")]
+    ds.LightPathFilterTypeStackCodeSequence = []
+    ds.DetectorType = "CCD"
+    ds.AxialLengthOfTheEye = None
+    ds.HorizontalFieldOfView = None
+    ds.EmmetropicMagnification = None
+    ds.IntraOcularPressure = None
+    ds.PupilDilated = None
+    ds.RefractiveStateSequence = []
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.PositionReferenceIndicator = ""
+    dim_uid = generate_uid()
+    ds.DimensionOrganizationSequence = [_item(DimensionOrganizationUID=dim_uid)]
+    ds.DimensionIndexSequence = [_item(DimensionOrganizationUID=dim_uid, DimensionIndexPointer=0x00209057,
+                                       FunctionalGroupPointer=0x00209111)]
+    pixel_measures = _item(PixelSpacing=[0.01, 0.01], SliceThickness=0.05)
+    orientation = _item(ImageOrientationPatient=[1, 0, 0, 0, 0, 1])
+    anatomy = _item(FrameLaterality="R", AnatomicRegionSequence=[_code("81745001", "SCT", "Eye")])
+    ds.SharedFunctionalGroupsSequence = [_item(PixelMeasuresSequence=[pixel_measures],
+                                               PlaneOrientationSequence=[orientation],
+                                               FrameAnatomySequence=[anatomy])]
+    ds.PerFrameFunctionalGroupsSequence = [
+        _item(FrameContentSequence=[_item(FrameAcquisitionDateTime="20261125101500", FrameReferenceDateTime=
+                                          "20261125101500", FrameAcquisitionDuration=10.0, StackID="1",
+                                          InStackPositionNumber=i + 1, DimensionIndexValues=[i + 1])],
+              PlanePositionSequence=[_item(ImagePositionPatient=[0, 0.05 * i, 0])])
+        for i in range(n)]
+    return ds
+
+
+def _item(**attributes: object) -> Dataset:
+    item = Dataset()
+    for k, v in attributes.items():
+        setattr(item, k, v)
+    return item
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    return _item(CodeValue=value, CodingSchemeDesignator=scheme, CodeMeaning=meaning)

@@ -17,8 +17,9 @@ import pydicom
 import pytest
 from oct_dicom import oct_dataset, phantom_frames
 
-from service.dicom.delivery import DeliveryWorker, Outbox, PacsTarget, dicom_bytes
+from service.dicom.delivery import DeliveryWorker, PacsTarget
 from service.dicom.multipart import content_type_params, parse_related
+from service.dicom.outbox import Outbox, dicom_bytes
 from service.dicom.schemas import Delivery, ResultInstance, ResultRecord, VolumeScoreResult
 from service.schemas import ModelRef, TimingMs
 
@@ -153,3 +154,76 @@ def test_refusal_is_given_up_after_retry_max(tmp_path: Path, pacs_factory) -> No
     d = outbox.get("1.2.3").delivery
     assert d.attempts == 3 and "HTTP 400" in d.last_error
     assert (tmp_path / "1.2.3" / "sr.dcm").is_file()  # still downloadable
+
+
+def _delivered(uid: str, revision: str, outbox: Outbox, at: float | None = None) -> bool:
+    return outbox.update_delivery(uid, Delivery(status="delivered", attempts=1, delivered_at=at or time.time()),
+                                  revision)
+
+
+def test_a_result_re_sent_during_its_delivery_is_not_marked_delivered(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path)
+    _record(outbox, "1.2.3")
+    [first] = outbox.claim_due(time.time(), lease_s=60)
+    _record(outbox, "1.2.3")  # re-sent (new bytes) while the first revision is on the wire
+    assert not _delivered("1.2.3", first.revision, outbox)  # the old bytes' success does not count
+    assert outbox.get("1.2.3").delivery.status == "pending"
+    [second] = outbox.claim_due(time.time(), lease_s=60)
+    assert second.revision != first.revision and _delivered("1.2.3", second.revision, outbox)
+    assert outbox.get("1.2.3").delivery.status == "delivered"
+
+
+def test_a_crash_at_any_step_loses_no_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    outbox = Outbox(tmp_path)
+    _record(outbox, "1.2.1")
+    [due] = outbox.claim_due(time.time(), lease_s=60)
+    assert _delivered("1.2.1", due.revision, outbox)
+    # 1. Crash before the folder is renamed into place: the delivered result stands, nothing half-written shows.
+    with monkeypatch.context() as m:
+        m.setattr(Path, "rename", lambda self, target: (_ for _ in ()).throw(OSError("crash")))
+        with pytest.raises(OSError):
+            _record(outbox, "1.2.1")
+        with pytest.raises(OSError):
+            _record(outbox, "1.2.2")  # a first result that never reached its folder
+    # 2. Crash after the rename, before the index row takes the new revision.
+    with monkeypatch.context() as m:
+        m.setattr(Outbox, "_settle", lambda *a: (_ for _ in ()).throw(OSError("crash")))
+        with pytest.raises(OSError):
+            _record(outbox, "1.2.3")
+    # 3. Crash after a claim, before the attempt is recorded (no update at all).
+    _record(outbox, "1.2.4")
+    claimed = {d.uid for d in outbox.claim_due(time.time(), lease_s=5)}
+    assert claimed == {"1.2.4"}
+    outbox.close()
+
+    reopened = Outbox(tmp_path)
+    assert reopened.get("1.2.1").delivery.status == "delivered"
+    assert reopened.get("1.2.2") is None and "1.2.2" not in {s.uid for s in reopened.summaries(10)}
+    assert reopened.get("1.2.3").delivery.status == "pending"  # the renamed folder was settled on open
+    due_later = {d.uid for d in reopened.claim_due(time.time() + 6, lease_s=60)}
+    assert due_later == {"1.2.3", "1.2.4"}  # the crashed claim's lease ran out: delivered again, not lost
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_index_is_rebuilt_from_the_folders_when_lost(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path)
+    for uid in ("1.2.1", "1.2.2"):
+        _record(outbox, uid)
+    outbox.close()
+    for f in tmp_path.glob("index.sqlite3*"):
+        f.unlink()
+    rebuilt = Outbox(tmp_path)
+    assert [s.uid for s in rebuilt.summaries(10)] == ["1.2.1", "1.2.2"]
+    assert {d.uid for d in rebuilt.claim_due(time.time(), lease_s=60)} == {"1.2.1", "1.2.2"}
+
+
+def test_retention_deletes_only_old_delivered_results(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path)
+    for uid in ("1.2.1", "1.2.2", "1.2.3"):
+        _record(outbox, uid)
+    dues = {d.uid: d for d in outbox.claim_due(time.time(), lease_s=60)}
+    _delivered("1.2.1", dues["1.2.1"].revision, outbox, at=time.time() - 100)
+    _delivered("1.2.2", dues["1.2.2"].revision, outbox, at=time.time())
+    assert outbox.purge(older_than_s=50) == 1
+    assert outbox.get("1.2.1") is None and not (tmp_path / "1.2.1").exists()
+    assert outbox.get("1.2.2").delivery.status == "delivered" and outbox.get("1.2.3") is not None

@@ -27,12 +27,17 @@ def problem(r: httpx.Response, status: int, slug: str) -> dict:
 def test_400_malformed(client: httpx.Client, scan_bytes: bytes) -> None:
     problem(client.post("/score", files={"image": ("a.jpeg", scan_bytes)}), 400, "bad-request")
     problem(client.post("/score", content=b"", headers={"Content-Type": "image/png"}), 400, "bad-request")
-    body = problem(client.post("/score", params={"heatmaps": "perhaps"}, content=scan_bytes,
-                               headers={"Content-Type": "image/jpeg"}), 400, "bad-request")
-    assert body["errors"][0]["loc"] == ["query", "heatmaps"]
     broken = b"--XYZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\nabc"
     problem(client.post("/score", content=broken, headers={"Content-Type": "multipart/form-data; boundary=XYZ"}),
             400, "bad-request")
+
+
+def test_422_invalid_parameters(client: httpx.Client, scan_bytes: bytes) -> None:
+    """Parameter validation answers 422, the code the OpenAPI documents for it, as problem+json."""
+    body = problem(client.post("/score", params={"heatmaps": "perhaps"}, content=scan_bytes,
+                               headers={"Content-Type": "image/jpeg"}), 422, "invalid-parameters")
+    assert body["errors"][0]["loc"] == ["query", "heatmaps"]
+    problem(client.get("/dicomweb/results", params={"limit": "0"}), 422, "invalid-parameters")
 
 
 def test_415_unsupported_type(client: httpx.Client, scan_bytes: bytes) -> None:

@@ -85,3 +85,16 @@ def test_unusable_model_exits_non_zero_with_a_reason(tiny_model, tmp_path: Path)
         last = proc.stderr.strip().splitlines()[-1]
         assert proc.returncode == 1, f"{name}: exit {proc.returncode}\n{proc.stderr[-2000:]}"
         assert last.startswith("oct-service: cannot load model:") and reason in last, f"{name}: {last}"
+
+
+def test_safety_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Settings()
+    assert s.allow_anonymous is False and s.results_retention_days == 30 and s.dicom_max_side == 8192
+    monkeypatch.setenv("OCT_ALLOW_ANONYMOUS", "true")
+    monkeypatch.setenv("OCT_MAX_INFLIGHT_BYTES", "2048")
+    monkeypatch.setenv("OCT_RESULTS_RETENTION_DAYS", "0")
+    s = Settings()
+    assert s.allow_anonymous and s.max_inflight_bytes == 2048 and s.results_retention_days == 0
+    monkeypatch.setenv("OCT_MAX_INFLIGHT_VOXELS", "0")
+    with pytest.raises(ValidationError):
+        Settings()
