@@ -209,8 +209,8 @@ def train(args: argparse.Namespace, device: torch.device) -> VQVAE:
     train_batches = train_loader(train_ds, rank_batch, args.num_workers, args.seed, pin)
     val_batches = eval_loader(val_ds, rank_batch, args.num_workers, pin)
     dist.log(f"data: {oct_root} | train {len(train_files)} | val {len(val_files)} NORMAL images | "
-        f"device {device}{' (bf16 amp)' if amp else ''}"
-        f"{f' | {world} ranks × batch {rank_batch}' if world > 1 else ''}")
+             f"device {device}{' (bf16 amp)' if amp else ''}"
+             f"{f' | {world} ranks × batch {rank_batch}' if world > 1 else ''}")
 
     model_cfg = VQVAEConfig(n_hiddens=args.n_hiddens, n_residual_hiddens=args.n_residual_hiddens,
                             n_residual_layers=args.n_residual_layers, embedding_dim=args.embedding_dim,
@@ -227,8 +227,8 @@ def train(args: argparse.Namespace, device: torch.device) -> VQVAE:
         state.update(resume["state"])
         run_dir = Path(resume["run_dir_path"])
         dist.log(f"resuming {run_dir} after epoch {state['epoch']}")
-    elif args.save and main_rank:
-        run_dir = new_run_dir(Path(args.output_dir))
+    elif args.save:
+        run_dir = new_run_dir(Path(args.output_dir)) if main_rank else None
     else:
         run_dir = None
     if not main_rank:
@@ -261,8 +261,8 @@ def train(args: argparse.Namespace, device: torch.device) -> VQVAE:
         state["epoch"] = epoch
         state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
         dist.log(f"epoch {epoch:3d} | train {tr['loss']:.5f} (recon {tr['recon']:.5f}, vq {tr['vq']:.5f}) | "
-            f"val {va['loss']:.5f} | perplexity {tr['perplexity']:.1f} | codes used {tr['codebook_usage']:.0%} | "
-            f"{tr['img_per_s']:.0f} img/s{' *' if improved else ''}")
+                 f"val {va['loss']:.5f} | perplexity {tr['perplexity']:.1f} | codes used {tr['codebook_usage']:.0%} | "
+                 f"{tr['img_per_s']:.0f} img/s{' *' if improved else ''}")
         if wandb_run is not None:
             wandb_run.log(row, step=epoch)
         if improved:

@@ -143,7 +143,7 @@ def train(args: argparse.Namespace, device: torch.device) -> None:
     val_loader = DataLoader(val_set, batch_size=rank_batch, num_workers=args.num_workers,
                             sampler=DistributedSampler(val_set, shuffle=False) if sharded else None)
     dist.log(f"codes: {run_dir}/latent | train {tuple(train_codes.shape)} | val {tuple(val_codes.shape)} | "
-        f"{k} codes | device {device}{f' | {world} ranks × batch {rank_batch}' if world > 1 else ''}")
+             f"{k} codes | device {device}{f' | {world} ranks × batch {rank_batch}' if world > 1 else ''}")
 
     cfg = PriorConfig(n_embeddings=k, n_layers=args.n_layers, n_channels=args.n_channels,
                       kernel_size=args.kernel_size)
@@ -172,7 +172,7 @@ def train(args: argparse.Namespace, device: torch.device) -> None:
         state["epoch"] = epoch
         state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
         dist.log(f"epoch {epoch:3d} | train nll {tr['nll']:.4f} | val nll {va['nll']:.4f} nats/position "
-            f"({va['nll'] / math.log(2):.3f} bits) | {tr['grids_per_s']:.0f} grids/s{' *' if improved else ''}")
+                 f"({va['nll'] / math.log(2):.3f} bits) | {tr['grids_per_s']:.0f} grids/s{' *' if improved else ''}")
         if improved:
             state["best_val"], state["best_epoch"] = va["nll"], epoch
         if main_rank:
@@ -198,7 +198,7 @@ def train(args: argparse.Namespace, device: torch.device) -> None:
                             "threshold": float(np.percentile(nlls, args.position_percentile))}
     save_checkpoint(best, best_path)
     dist.log(f"best epoch {state['best_epoch']} val nll {state['best_val']:.4f} | position threshold "
-        f"{best['position_nll']['threshold']:.3f} nats (p{args.position_percentile:g}) → {best_path}")
+             f"{best['position_nll']['threshold']:.3f} nats (p{args.position_percentile:g}) → {best_path}")
 
 
 if __name__ == "__main__":
