@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 from octcore.preprocess import Preprocessing, preprocess
+from training import distributed as dist
 
 CLASSES = ("NORMAL", "CNV", "DME", "DRUSEN")
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
@@ -123,7 +124,10 @@ class OCTImages(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> Tensor:
+    def __getitem__(self, key: int | tuple[int, int]) -> Tensor:
+        """`key` is an index, or (epoch, index) from `EpochSampler`: worker processes hold their own copy of the
+        dataset, so an epoch set on the main process's copy never reaches them; one carried by the index does."""
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         if self._cache is not None:
             x = torch.from_numpy(np.asarray(self._cache[i], dtype=np.float32))
         else:
@@ -131,7 +135,7 @@ class OCTImages(Dataset):
         x = x[None]
         if self.augment is not None:
             # Seeded per (seed, epoch, index): reproducible however the workers interleave.
-            gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
+            gen = torch.Generator().manual_seed(hash((self.seed, epoch, i)) & 0x7FFFFFFF)
             x = self.augment(x, gen)
         return x
 
@@ -149,3 +153,44 @@ def _build_cache(files: list[Path], cfg: Preprocessing, cache_dir: Path) -> np.n
         del arr
         tmp.rename(path)  # only a complete cache is ever visible
     return np.load(path, mmap_mode="r")
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Yields (epoch, index) pairs from an index sampler, so each worker's augmentation knows the epoch. `set_epoch`
+    also reaches the inner sampler (DistributedSampler reshuffles with it)."""
+
+    def __init__(self, inner: Sampler[int]) -> None:
+        self.inner = inner
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.inner, "set_epoch"):
+            self.inner.set_epoch(epoch)
+
+    def __iter__(self):  # -> Iterator[tuple[int, int]]
+        epoch = self.epoch
+        return ((epoch, i) for i in self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]
+
+
+def train_loader(ds: OCTImages, batch_size: int, num_workers: int, seed: int, pin_memory: bool = False) -> DataLoader:
+    """Shuffled training batches; call `loader.sampler.set_epoch(epoch)` before each epoch. Under torchrun each rank
+    reads its own shard (DistributedSampler) and `batch_size` is the per-rank batch."""
+    gen = torch.Generator().manual_seed(seed)
+    inner: Sampler[int] = (DistributedSampler(ds, shuffle=True, seed=seed) if dist.active()
+                           else RandomSampler(ds, generator=gen))
+    sampler = EpochSampler(inner)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=len(sampler) > batch_size,
+                      generator=gen, num_workers=num_workers, pin_memory=pin_memory,
+                      persistent_workers=num_workers > 0)
+
+
+def eval_loader(ds: OCTImages, batch_size: int, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """Validation batches in file order; under torchrun each rank reads its own shard (the last shard is padded
+    with repeats to equal length, which the sums over ranks count once more — a few images at most)."""
+    sampler = DistributedSampler(ds, shuffle=False) if dist.active() else None
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                      persistent_workers=num_workers > 0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import random
 import shutil
 import sys
 import tempfile
@@ -69,7 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_fraction", type=float, default=0.01, help="fraction of each map averaged into its score")
     p.add_argument("--primary_score", default=None, help="default: the best held-out AUROC (see manifest evaluation)")
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when present")
+    p.add_argument("--heldout_max", type=int, default=2000,
+                   help="score at most this many abnormal training scans (a seeded draw) to choose the primary score")
+    p.add_argument("--heldout_seed", type=int, default=0, help="seed of that draw")
+    p.add_argument("--num_workers", type=int, default=4, help="image-loading processes for the held-out scans")
     add_prior_args(p)
     return p
 
@@ -165,6 +170,15 @@ def calibration_files(ckpt: dict, oct_root: Path) -> list[Path]:
     return files
 
 
+def held_out_abnormal(oct_root: Path, max_n: int, seed: int) -> list[Path]:
+    """Abnormal *training* scans for the primary-score choice: all of them, or a seeded draw of `max_n` (the real
+    set has about 57,000; a few thousand decide between a handful of scores as well as all of them would)."""
+    files = [f for c in CLASSES[1:] for f in list_images(oct_root, "train", c)]
+    if len(files) <= max_n:
+        return files
+    return sorted(random.Random(seed).sample(files, max_n))
+
+
 def choose_primary(evaluation: dict[str, dict], specs: dict[str, ScoreSpec], requested: str | None) -> str:
     if requested is not None:
         if requested not in specs:
@@ -180,9 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: --threshold_percentile must be in (0, 100) and --top_fraction in (0, 1]")
     if args.version is not None and args.version < 1:
         raise SystemExit("error: --version must be a positive integer")
+    if args.heldout_max < 1 or args.num_workers < 0:
+        raise SystemExit("error: --heldout_max must be positive and --num_workers >= 0")
     ckpt_path = resolve_checkpoint(args.model_dir)
     ckpt = load_checkpoint(ckpt_path)
-    device = torch.device(args.device if args.device == "cpu" or torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     prep = Preprocessing.from_dict(ckpt["preprocessing"])
     try:
         oct_root = resolve_data_root(args.data_root or ckpt["train_config"]["data_root"])
@@ -213,10 +229,12 @@ def main(argv: list[str] | None = None) -> int:
                    for k in score_names}
 
     # Choose the primary score on held-out abnormal *training* scans (the dataset ships some) vs normal validation.
-    abnormal = [f for c in CLASSES[1:] for f in list_images(oct_root, "train", c)]
+    abnormal = held_out_abnormal(oct_root, args.heldout_max, args.heldout_seed)
     evaluation: dict[str, dict] = {}
     if abnormal:
-        ab = score_files(scripted, abnormal, prep, score_names, [], args.batch_size, device, desc="held-out abnormal")
+        ab = score_files(scripted, abnormal, prep, score_names, [], args.batch_size, device,
+                         # starting workers costs more than it saves on a few batches
+                         args.num_workers if len(abnormal) > 4 * args.batch_size else 0, desc="held-out abnormal")
         evaluation = {k: separation(normal.scores[k], ab.scores[k]) for k in score_names}
     primary = choose_primary(evaluation, specs, args.primary_score)
 

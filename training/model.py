@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from training import distributed as dist
+
 
 @dataclass
 class VQVAEConfig:
@@ -79,7 +81,14 @@ class Codebook(nn.Module):
 
     def lookup(self, flat: Tensor) -> tuple[Tensor, Tensor]:
         """flat (N, D) → nearest codes (N, D) and their indices (N,). Distances in float32: under AMP, half precision
-        makes near-equal distances tie and the argmin flicker between codes."""
+        makes near-equal distances tie and the argmin flicker between codes, so training would pick other codes than
+        the float32 scorer serves. `.float()` alone is not enough: autocast would run the matmul in bf16 anyway."""
+        if not torch.jit.is_scripting():  # the served scorer runs in float32; TorchScript skips this branch
+            with torch.autocast(flat.device.type, enabled=False):
+                return self._lookup(flat)
+        return self._lookup(flat)
+
+    def _lookup(self, flat: Tensor) -> tuple[Tensor, Tensor]:
         flat = flat.float()
         emb = self.embedding.float()
         dist = flat.pow(2).sum(1, keepdim=True) - 2.0 * flat @ emb.t() + emb.pow(2).sum(1).unsqueeze(0)
@@ -92,16 +101,18 @@ class Codebook(nn.Module):
         """Training only, once: start the codes at real encoder vectors. A random init far from the encoder's range
         leaves most codes unreachable and the codebook collapsing to a handful of codes in the first epochs."""
         pick = torch.randint(0, flat.shape[0], (self.embedding.shape[0],), device=flat.device)
-        self._set(torch.arange(self.embedding.shape[0], device=flat.device), flat[pick])
+        # Under torchrun every rank starts from rank 0's draw, so all ranks hold one codebook.
+        self._set(torch.arange(self.embedding.shape[0], device=flat.device), dist.broadcast(flat[pick].contiguous()))
         self.initialized.fill_(True)
 
     @torch.jit.unused
     @torch.no_grad()
     def ema_update(self, flat: Tensor, idx: Tensor) -> None:
-        """Training only: move each code to the running mean of the vectors assigned to it."""
+        """Training only: move each code to the running mean of the vectors assigned to it. Under torchrun the counts
+        and sums are summed over ranks first: every rank then applies the same update to the same codebook."""
         k = self.embedding.shape[0]
-        counts = torch.bincount(idx, minlength=k).float()
-        sums = torch.zeros_like(self.ema_sum).index_add_(0, idx, flat.float())
+        counts = dist.all_reduce_sum(torch.bincount(idx, minlength=k).float())
+        sums = dist.all_reduce_sum(torch.zeros_like(self.ema_sum).index_add_(0, idx, flat.float()))
         self.ema_count.mul_(self.ema_decay).add_(counts, alpha=1 - self.ema_decay)
         self.ema_sum.mul_(self.ema_decay).add_(sums, alpha=1 - self.ema_decay)
         n = self.ema_count.sum()
@@ -111,13 +122,15 @@ class Codebook(nn.Module):
     @torch.jit.unused
     @torch.no_grad()
     def restart_dead_codes(self, flat: Tensor, idx: Tensor, patience: int) -> int:
-        """Training only: codes idle for `patience` steps jump to random live vectors of this batch."""
-        used = torch.bincount(idx, minlength=self.embedding.shape[0]) > 0
+        """Training only: codes idle for `patience` steps jump to random live vectors of this batch. Under torchrun
+        "used" means used on any rank, and the new vectors are rank 0's draw, broadcast."""
+        used = dist.all_reduce_sum(torch.bincount(idx, minlength=self.embedding.shape[0])) > 0
         self.steps_since_used.add_(1).masked_fill_(used, 0)
         dead = (self.steps_since_used >= patience).nonzero().flatten()
         if dead.numel() == 0 or flat.shape[0] == 0:
             return 0
-        self._set(dead, flat[torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)])
+        vectors = flat[torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)].contiguous()
+        self._set(dead, dist.broadcast(vectors))
         return int(dead.numel())
 
     @torch.jit.unused
@@ -172,7 +185,12 @@ class VectorQuantizer(nn.Module):
     @torch.jit.unused
     def _train_step(self, z_e: Tensor, codes: Optional[Tensor]) -> None:  # noqa: UP045 (TorchScript signature)
         """Codebook bookkeeping that only training does: first-batch init, EMA update, dead-code restarts."""
-        flat = z_e.detach().permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])
+        flat = z_e.detach().permute(0, 2, 3, 1).reshape(-1, z_e.shape[1]).float()
+        with torch.autocast(flat.device.type, enabled=False):  # codebook statistics accumulate in float32
+            self._codebook_step(flat, codes)
+
+    @torch.jit.unused
+    def _codebook_step(self, flat: Tensor, codes: Optional[Tensor]) -> None:  # noqa: UP045 (TorchScript signature)
         if codes is None:
             self.codebook.init_from(flat)
             return

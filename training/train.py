@@ -1,6 +1,7 @@
 """Train the VQ-VAE on NORMAL B-scans.
 
     python -m training.train --data_root DATA --epochs 50 --batch_size 32
+    torchrun --nproc_per_node N -m training.train ...   # N processes (GPUs); --batch_size stays the global batch
 
 Straight line: arguments → data → model → loop (train, validate, checkpoint, log) → latent codes for the prior.
 Each run writes `<output_dir>/<YYYY-MM-DD_HH-MM-SS>/`; `--resume <run dir or last.ckpt>` continues it.
@@ -14,17 +15,29 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from octcore.preprocess import Preprocessing
+from training import distributed as dist
 from training.checkpoint import load_checkpoint, save_checkpoint, write_history
-from training.data import Augment, DataError, OCTImages, list_images, resolve_data_root, split_train_val
+from training.data import (
+    Augment,
+    DataError,
+    OCTImages,
+    eval_loader,
+    list_images,
+    resolve_data_root,
+    split_train_val,
+    train_loader,
+)
 from training.device import pick_device
 from training.model import VQVAE, VQVAEConfig
 from training.plots import plot_loss_curves
@@ -42,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # The original research code's arguments, same names.
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--batch_size", type=int, default=32, help="global batch: split evenly across torchrun ranks")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--n_hiddens", type=int, default=128)
     p.add_argument("--n_residual_hiddens", type=int, default=64)
@@ -103,15 +116,17 @@ def new_run_dir(output_dir: Path) -> Path:
     return run
 
 
-def run_epoch(model: VQVAE, loader: DataLoader, device: torch.device, opt: torch.optim.Optimizer | None,
-              amp: bool, desc: str) -> dict[str, float]:
-    """One pass; trains when `opt` is given. Returns mean losses, perplexity and throughput."""
+def run_epoch(model: VQVAE | DistributedDataParallel, loader: DataLoader, device: torch.device,
+              opt: torch.optim.Optimizer | None, amp: bool, desc: str) -> dict[str, float]:
+    """One pass; trains when `opt` is given. Returns mean losses, perplexity and throughput (over all ranks)."""
     train = opt is not None
     model.train(train)
     sums = {"loss": 0.0, "recon": 0.0, "vq": 0.0, "perplexity": 0.0}
-    used = torch.zeros(model.cfg.n_embeddings, dtype=torch.bool, device=device)
+    n_codes = (model.module if isinstance(model, DistributedDataParallel) else model).cfg.n_embeddings
+    used = torch.zeros(n_codes, dtype=torch.bool, device=device)
     n, t0 = 0, time.perf_counter()
-    bar = tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(loader, desc=desc, leave=False, disable=None if dist.is_main() else True, dynamic_ncols=True,
+               file=sys.stderr)
     for x in bar:
         x = x.to(device, non_blocking=True)
         with torch.set_grad_enabled(train), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -129,6 +144,10 @@ def run_epoch(model: VQVAE, loader: DataLoader, device: torch.device, opt: torch
         used[out["codes"].unique()] = True
         bar.set_postfix(loss=f"{sums['loss'] / n:.4f}", ppl=f"{sums['perplexity'] / n:.1f}")
     seconds = time.perf_counter() - t0
+    if dist.active():  # every rank ends the epoch with the same numbers (and the same early-stopping input)
+        total = dist.all_reduce_sum(torch.tensor([*sums.values(), n], dtype=torch.float64, device=device))
+        sums, n = dict(zip(sums, total[:-1].tolist(), strict=True)), int(total[-1])
+        used = dist.all_reduce_sum(used.int()) > 0
     stats = {k: v / max(n, 1) for k, v in sums.items()}
     stats.update(codebook_usage=float(used.float().mean()), img_per_s=n / max(seconds, 1e-9), seconds=seconds)
     return stats
@@ -153,8 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     validate_args(args)
     torch.manual_seed(args.seed)
-    device = pick_device(args.device)
+    with dist.session(pick_device(args.device)) as device:
+        train(args, device)
+    return 0
+
+
+def train(args: argparse.Namespace, device: torch.device) -> VQVAE:
+    """The whole run; returns the model as the last epoch left it (identical on every rank)."""
     amp = args.amp and device.type == "cuda"
+    world, main_rank = dist.world_size(), dist.is_main()
+    rank_batch = dist.rank_batch(args.batch_size)
 
     resume = load_checkpoint(args.resume) if args.resume else None
     if resume is not None:  # the run's own settings win over the command line, except the epoch budget
@@ -178,19 +205,20 @@ def main(argv: list[str] | None = None) -> int:
     augment = None if args.no_augment else Augment()
     train_ds = OCTImages(train_files, prep, augment, cache, seed=args.seed)
     val_ds = OCTImages(val_files or train_files[:1], prep, None, cache)
-    loader_kw = {"num_workers": args.num_workers, "pin_memory": device.type == "cuda",
-                 "persistent_workers": args.num_workers > 0}
-    train_loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, drop_last=len(train_ds) >
-                              args.batch_size, generator=torch.Generator().manual_seed(args.seed), **loader_kw)
-    val_loader = DataLoader(val_ds, batch_size=args.batch_size, **loader_kw)
-    print(f"data: {oct_root} | train {len(train_files)} | val {len(val_files)} NORMAL images | "
-          f"device {device}{' (bf16 amp)' if amp else ''}", flush=True)
+    pin = device.type == "cuda"
+    train_batches = train_loader(train_ds, rank_batch, args.num_workers, args.seed, pin)
+    val_batches = eval_loader(val_ds, rank_batch, args.num_workers, pin)
+    dist.log(f"data: {oct_root} | train {len(train_files)} | val {len(val_files)} NORMAL images | "
+             f"device {device}{' (bf16 amp)' if amp else ''}"
+             f"{f' | {world} ranks × batch {rank_batch}' if world > 1 else ''}")
 
     model_cfg = VQVAEConfig(n_hiddens=args.n_hiddens, n_residual_hiddens=args.n_residual_hiddens,
                             n_residual_layers=args.n_residual_layers, embedding_dim=args.embedding_dim,
                             n_embeddings=args.n_embeddings, beta=args.beta, dropout=args.dropout,
                             ema_decay=args.ema_decay, dead_code_steps=args.dead_code_steps)
     model = VQVAE(model_cfg).to(device)
+    if world > 1:
+        torch.manual_seed(args.seed + dist.rank())  # own dropout masks per rank; weights come from rank 0 below
     opt = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
     state = {"epoch": 0, "best_val": math.inf, "best_epoch": -1, "bad_epochs": 0, "history": []}
     if resume is not None:
@@ -198,17 +226,24 @@ def main(argv: list[str] | None = None) -> int:
         opt.load_state_dict(resume["optimizer"])
         state.update(resume["state"])
         run_dir = Path(resume["run_dir_path"])
-        print(f"resuming {run_dir} after epoch {state['epoch']}", flush=True)
+        dist.log(f"resuming {run_dir} after epoch {state['epoch']}")
     elif args.save:
-        run_dir = new_run_dir(Path(args.output_dir))
+        run_dir = new_run_dir(Path(args.output_dir)) if main_rank else None
     else:
         run_dir = None
+    if not main_rank:
+        run_dir = None  # only rank 0 writes the run folder, checkpoints, latent/, plots and W&B
+    # DDP syncs rank 0's weights and buffers once here, then averages gradients; the EMA codebook keeps itself in
+    # step across ranks (training/model.py), so buffers need no broadcast on every forward.
+    with warnings.catch_warnings():  # its successor, forward_sync_buffers, needs a newer torch than we require
+        warnings.simplefilter("ignore", FutureWarning)
+        net = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
 
     config = {"train_config": vars(args) | {"data_root": str(oct_root)}, "model_config": model_cfg.to_dict(),
               "preprocessing": prep.to_dict()}
     if run_dir is not None:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    wandb_run = start_wandb(args, config, run_dir)
+    wandb_run = start_wandb(args, config, run_dir) if main_rank else None
 
     def checkpoint() -> dict:
         return {**config, "model": model.state_dict(), "optimizer": opt.state_dict(), "state": state,
@@ -217,17 +252,17 @@ def main(argv: list[str] | None = None) -> int:
 
     stopped_early = False
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
-        train_ds.epoch = epoch
-        tr = run_epoch(model, train_loader, device, opt, amp, f"epoch {epoch}/{args.epochs} train")
-        va = run_epoch(model, val_loader, device, None, amp, f"epoch {epoch}/{args.epochs} val")
-        improved = va["loss"] < state["best_val"] - args.min_delta
+        train_batches.sampler.set_epoch(epoch)
+        tr = run_epoch(net, train_batches, device, opt, amp, f"epoch {epoch}/{args.epochs} train")
+        va = run_epoch(model, val_batches, device, None, amp, f"epoch {epoch}/{args.epochs} val")
+        improved = dist.broadcast_flag(va["loss"] < state["best_val"] - args.min_delta, device)
         row = {"epoch": epoch, **{f"train_{k}": v for k, v in tr.items()}, **{f"val_{k}": v for k, v in va.items()}}
         state["history"].append(row)
         state["epoch"] = epoch
         state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
-        print(f"epoch {epoch:3d} | train {tr['loss']:.5f} (recon {tr['recon']:.5f}, vq {tr['vq']:.5f}) | "
-              f"val {va['loss']:.5f} | perplexity {tr['perplexity']:.1f} | codes used {tr['codebook_usage']:.0%} | "
-              f"{tr['img_per_s']:.0f} img/s{' *' if improved else ''}", flush=True)
+        dist.log(f"epoch {epoch:3d} | train {tr['loss']:.5f} (recon {tr['recon']:.5f}, vq {tr['vq']:.5f}) | "
+                 f"val {va['loss']:.5f} | perplexity {tr['perplexity']:.1f} | codes used {tr['codebook_usage']:.0%} | "
+                 f"{tr['img_per_s']:.0f} img/s{' *' if improved else ''}")
         if wandb_run is not None:
             wandb_run.log(row, step=epoch)
         if improved:
@@ -239,23 +274,22 @@ def main(argv: list[str] | None = None) -> int:
                 save_checkpoint(checkpoint(), run_dir / f"best-epoch={epoch:02d}-val_loss={va['loss']:.4f}.ckpt")
             save_checkpoint(checkpoint(), run_dir / "last.ckpt")  # an interruption loses at most this epoch
             write_metrics(run_dir, state["history"])
-        if state["bad_epochs"] >= args.patience:
-            print(f"early stop: no val improvement > {args.min_delta} for {args.patience} epochs", flush=True)
+        if dist.broadcast_flag(state["bad_epochs"] >= args.patience, device):  # decided once, by rank 0
+            dist.log(f"early stop: no val improvement > {args.min_delta} for {args.patience} epochs")
             stopped_early = True
             break
 
     if run_dir is not None:
-        best = load_checkpoint(next(run_dir.glob("best-*.ckpt")))
-        model.load_state_dict(best["model"])
-        save_latents(model, {"train": train_files, "val": val_files}, prep, run_dir, args.batch_size,
+        best = VQVAE.from_checkpoint(load_checkpoint(next(run_dir.glob("best-*.ckpt")))).to(device)
+        save_latents(best, {"train": train_files, "val": val_files}, prep, run_dir, args.batch_size,
                      args.num_workers, device, oct_root)
         summary = {"best_epoch": state["best_epoch"], "best_val_loss": state["best_val"],
                    "epochs_run": state["epoch"], "stopped_early": stopped_early, "run_dir": str(run_dir)}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"best epoch {state['best_epoch']} val_loss {state['best_val']:.5f} → {run_dir}", flush=True)
+        dist.log(f"best epoch {state['best_epoch']} val_loss {state['best_val']:.5f} → {run_dir}")
     if wandb_run is not None:
         wandb_run.finish()
-    return 0
+    return model
 
 
 def write_metrics(run_dir: Path, history: list[dict]) -> None:

@@ -1,6 +1,7 @@
 """Train the gated PixelCNN prior on a VQ-VAE run's latent codes.
 
     python -m training.train_prior --model_dir saved_models/<run>/best-*.ckpt --epochs 50
+    torchrun --nproc_per_node N -m training.train_prior ...   # --batch_size stays the global batch
 
 Straight line: arguments → the run's code grids (its own train/val split) → prior → loop (train, validate, checkpoint,
 log) → per-position NLL calibration. Writes `<run>/prior/`: `best-epoch=NN-val_nll=X.ckpt`, `last.ckpt`,
@@ -19,9 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from torch.utils.data import DataLoader, TensorDataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, TensorDataset
 from tqdm import tqdm
 
+from training import distributed as dist
 from training.checkpoint import load_checkpoint, save_checkpoint, write_history
 from training.device import pick_device
 from training.export import resolve_checkpoint
@@ -33,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model_dir", required=True, help="VQ-VAE checkpoint (best-*.ckpt) or its run folder")
     p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--batch_size", type=int, default=32, help="global batch: split evenly across torchrun ranks")
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--n_layers", type=int, default=15)
     p.add_argument("--n_channels", type=int, default=64)
@@ -73,13 +76,14 @@ def load_codes(run_dir: Path, split: str, n_embeddings: int) -> torch.Tensor:
     return torch.from_numpy(codes.astype(np.int64))
 
 
-def run_epoch(prior: GatedPixelCNN, loader: DataLoader, device: torch.device, opt: torch.optim.Optimizer | None,
-              desc: str) -> dict[str, float]:
-    """One pass; trains when `opt` is given. Returns the mean NLL per position (nats) and throughput."""
+def run_epoch(prior: GatedPixelCNN | DistributedDataParallel, loader: DataLoader, device: torch.device,
+              opt: torch.optim.Optimizer | None, desc: str) -> dict[str, float]:
+    """One pass; trains when `opt` is given. Returns the mean NLL per position (nats) and throughput (all ranks)."""
     train = opt is not None
     prior.train(train)
     total, n_pos, n, t0 = 0.0, 0, 0, time.perf_counter()
-    bar = tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(loader, desc=desc, leave=False, disable=None if dist.is_main() else True, dynamic_ncols=True,
+               file=sys.stderr)
     for (codes,) in bar:
         codes = codes.to(device, non_blocking=True)
         with torch.set_grad_enabled(train):
@@ -93,6 +97,9 @@ def run_epoch(prior: GatedPixelCNN, loader: DataLoader, device: torch.device, op
         n += codes.shape[0]
         bar.set_postfix(nll=f"{total / n_pos:.4f}")
     seconds = time.perf_counter() - t0
+    if dist.active():
+        total, n_pos, n = dist.all_reduce_sum(torch.tensor([total, n_pos, n], dtype=torch.float64,
+                                                           device=device)).tolist()
     return {"nll": total / max(n_pos, 1), "grids_per_s": n / max(seconds, 1e-9), "seconds": seconds}
 
 
@@ -107,7 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     validate_args(args)
     torch.manual_seed(args.seed)
-    device = pick_device(args.device)
+    with dist.session(pick_device(args.device)) as device:
+        train(args, device)
+    return 0
+
+
+def train(args: argparse.Namespace, device: torch.device) -> None:
+    world, main_rank = dist.world_size(), dist.is_main()
+    rank_batch = dist.rank_batch(args.batch_size)
 
     # Data: the code grids the run wrote for its own train/val split; the prior never sees another split.
     vq_path = resolve_checkpoint(args.model_dir)
@@ -120,47 +134,59 @@ def main(argv: list[str] | None = None) -> int:
     if len(val_codes) == 0:  # a run without a validation split: early-stop on a few training grids, say so
         print("warning: the run has no validation codes; validating on the last training grids", file=sys.stderr)
         val_codes = train_codes[-max(1, len(train_codes) // 10):]
-    train_loader = DataLoader(TensorDataset(train_codes), batch_size=args.batch_size, shuffle=True,
-                              num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed))
-    val_loader = DataLoader(TensorDataset(val_codes), batch_size=args.batch_size, num_workers=args.num_workers)
-    print(f"codes: {run_dir}/latent | train {tuple(train_codes.shape)} | val {tuple(val_codes.shape)} | "
-          f"{k} codes | device {device}", flush=True)
+    train_set, val_set, gen = TensorDataset(train_codes), TensorDataset(val_codes), torch.Generator()
+    sharded = dist.active()  # under torchrun each rank reads its own shard; set_epoch reshuffles it every epoch
+    train_sampler = (DistributedSampler(train_set, shuffle=True, seed=args.seed) if sharded
+                     else RandomSampler(train_set, generator=gen.manual_seed(args.seed)))
+    train_loader = DataLoader(train_set, batch_size=rank_batch, sampler=train_sampler, num_workers=args.num_workers,
+                              generator=gen)
+    val_loader = DataLoader(val_set, batch_size=rank_batch, num_workers=args.num_workers,
+                            sampler=DistributedSampler(val_set, shuffle=False) if sharded else None)
+    dist.log(f"codes: {run_dir}/latent | train {tuple(train_codes.shape)} | val {tuple(val_codes.shape)} | "
+             f"{k} codes | device {device}{f' | {world} ranks × batch {rank_batch}' if world > 1 else ''}")
 
     cfg = PriorConfig(n_embeddings=k, n_layers=args.n_layers, n_channels=args.n_channels,
                       kernel_size=args.kernel_size)
     prior = GatedPixelCNN(cfg).to(device)
+    net = DistributedDataParallel(prior) if world > 1 else prior  # rank 0's weights, averaged gradients
     opt = torch.optim.Adam(prior.parameters(), lr=args.learning_rate)
     out_dir = run_dir / PRIOR_DIR
-    out_dir.mkdir(exist_ok=True)
     config = {"train_config": vars(args) | {"model_dir": str(vq_path)}, "prior_config": cfg.to_dict(),
               "vqvae_checkpoint": str(vq_path), "codebook_sha256": codebook_fingerprint(vq)}
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    if main_rank:  # only rank 0 writes
+        out_dir.mkdir(exist_ok=True)
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     state = {"epoch": 0, "best_val": math.inf, "best_epoch": -1, "bad_epochs": 0, "history": []}
 
     def checkpoint() -> dict:
         return {**config, "model": prior.state_dict(), "optimizer": opt.state_dict(), "state": state}
 
     for epoch in range(1, args.epochs + 1):
-        tr = run_epoch(prior, train_loader, device, opt, f"prior epoch {epoch}/{args.epochs} train")
+        if sharded:
+            train_sampler.set_epoch(epoch)
+        tr = run_epoch(net, train_loader, device, opt, f"prior epoch {epoch}/{args.epochs} train")
         va = run_epoch(prior, val_loader, device, None, f"prior epoch {epoch}/{args.epochs} val")
-        improved = va["nll"] < state["best_val"] - args.min_delta
+        improved = dist.broadcast_flag(va["nll"] < state["best_val"] - args.min_delta, device)
         state["history"].append({"epoch": epoch, **{f"train_{k}": v for k, v in tr.items()},
                                  **{f"val_{k}": v for k, v in va.items()}})
         state["epoch"] = epoch
         state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
-        print(f"epoch {epoch:3d} | train nll {tr['nll']:.4f} | val nll {va['nll']:.4f} nats/position "
-              f"({va['nll'] / math.log(2):.3f} bits) | {tr['grids_per_s']:.0f} grids/s{' *' if improved else ''}",
-              flush=True)
+        dist.log(f"epoch {epoch:3d} | train nll {tr['nll']:.4f} | val nll {va['nll']:.4f} nats/position "
+                 f"({va['nll'] / math.log(2):.3f} bits) | {tr['grids_per_s']:.0f} grids/s{' *' if improved else ''}")
         if improved:
             state["best_val"], state["best_epoch"] = va["nll"], epoch
-            for old in out_dir.glob("best-*.ckpt"):
-                old.unlink()
-            save_checkpoint(checkpoint(), out_dir / f"best-epoch={epoch:02d}-val_nll={va['nll']:.4f}.ckpt")
-        save_checkpoint(checkpoint(), out_dir / "last.ckpt")
-        write_history(out_dir / "metrics.csv", state["history"])
-        if state["bad_epochs"] >= args.patience:
-            print(f"early stop: no val NLL improvement > {args.min_delta} for {args.patience} epochs", flush=True)
+        if main_rank:
+            if improved:
+                for old in out_dir.glob("best-*.ckpt"):
+                    old.unlink()
+                save_checkpoint(checkpoint(), out_dir / f"best-epoch={epoch:02d}-val_nll={va['nll']:.4f}.ckpt")
+            save_checkpoint(checkpoint(), out_dir / "last.ckpt")
+            write_history(out_dir / "metrics.csv", state["history"])
+        if dist.broadcast_flag(state["bad_epochs"] >= args.patience, device):  # decided once, by rank 0
+            dist.log(f"early stop: no val NLL improvement > {args.min_delta} for {args.patience} epochs")
             break
+    if not main_rank:
+        return
 
     # Per-position NLL of normal validation codes under the best prior: the threshold restoration resamples above.
     best_path = next(out_dir.glob("best-*.ckpt"))
@@ -171,9 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                             "threshold_percentile": args.position_percentile,
                             "threshold": float(np.percentile(nlls, args.position_percentile))}
     save_checkpoint(best, best_path)
-    print(f"best epoch {state['best_epoch']} val nll {state['best_val']:.4f} | position threshold "
-          f"{best['position_nll']['threshold']:.3f} nats (p{args.position_percentile:g}) → {best_path}", flush=True)
-    return 0
+    dist.log(f"best epoch {state['best_epoch']} val nll {state['best_val']:.4f} | position threshold "
+             f"{best['position_nll']['threshold']:.3f} nats (p{args.position_percentile:g}) → {best_path}")
 
 
 if __name__ == "__main__":

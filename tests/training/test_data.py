@@ -8,7 +8,15 @@ import torch
 from PIL import Image
 
 from octcore.preprocess import Preprocessing
-from training.data import Augment, DataError, OCTImages, list_images, resolve_data_root, split_train_val
+from training.data import (
+    Augment,
+    DataError,
+    OCTImages,
+    list_images,
+    resolve_data_root,
+    split_train_val,
+    train_loader,
+)
 
 
 def make_tree(root: Path, folder: str = "OCT2017", n: int = 6) -> Path:
@@ -70,3 +78,21 @@ def test_cache_matches_direct_loading(tmp_path: Path) -> None:
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
     for i in range(len(files)):
         torch.testing.assert_close(cached[i], direct[i], atol=2e-3, rtol=0)  # float16 storage
+
+
+def test_persistent_workers_see_each_epoch(tmp_path: Path) -> None:
+    """The configuration users run (workers > 0, persistent): each epoch's augmentation must be new. Workers hold
+    their own copy of the dataset, so an epoch set on the main process's copy never reached them."""
+    oct_root = make_tree(tmp_path)
+    ds = OCTImages(list_images(oct_root, "train", "NORMAL"), Preprocessing(size=32), Augment(), seed=3)
+    loader = train_loader(ds, batch_size=3, num_workers=2, seed=0)
+    assert loader.persistent_workers
+    epochs = []
+    for epoch in (1, 2):
+        loader.sampler.set_epoch(epoch)
+        ds.epoch = epoch  # what the training loop used to rely on
+        epochs.append(torch.cat(list(loader)))
+    expected = [torch.stack([ds[(e, i)] for i in range(len(ds))]) for e in (1, 2)]
+    for got, want in zip(epochs, expected, strict=True):  # every image is its epoch's augmentation of some file
+        assert all(any(torch.equal(g, w) for w in want) for g in got)
+    assert not any(torch.equal(a, b) for a in epochs[0] for b in epochs[1])

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -80,3 +81,21 @@ def test_scripted_scorer_matches_eager_after_save_load() -> None:
 def test_scorer_rejects_wrong_shape() -> None:
     with pytest.raises(ValueError):
         Scorer(VQVAE(CFG))(torch.randn(1, 3, 32, 32))
+
+
+def test_autocast_picks_the_float32_codes() -> None:
+    """Under --amp the codes chosen in training must be the ones the float32 scorer serves: bf16 distances flip the
+    argmin of near-equal codes, and `.float()` alone does not leave autocast."""
+    torch.manual_seed(0)
+    q32 = VQVAE(VQVAEConfig(**{**CFG.to_dict(), "n_embeddings": 64})).quantizer
+    q32.codebook.embedding.data.normal_()
+    q32.codebook.initialized.fill_(True)
+    qamp = copy.deepcopy(q32)
+    z_e = torch.randn(4, 8, 32, 32)
+    want = q32.eval().quantize(z_e)[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(qamp.eval().quantize(z_e)[1], want)
+        _, _, codes_amp, _ = qamp.train()(z_e)  # training step: assignment and EMA update
+    _, _, codes_32, _ = q32.train()(z_e)
+    assert torch.equal(codes_amp, want) and torch.equal(codes_32, want)
+    torch.testing.assert_close(qamp.codebook.embedding, q32.codebook.embedding)
