@@ -81,12 +81,8 @@ def crop_white_margins(gray: np.ndarray, cfg: Preprocessing) -> tuple[np.ndarray
     """
     bright = _bright(gray, cfg)
     h, w = bright.shape
-    # Counts over the length, in float64: exactly what `bright.mean(axis)` computes, without a float copy of the image.
-    counts = bright.view(np.uint8)
-    margin_rows = counts.sum(axis=1, dtype=np.uint32) / w >= cfg.margin_fraction
-    margin_cols = counts.sum(axis=0, dtype=np.uint32) / h >= cfg.margin_fraction
-    y0, y1 = _trim(margin_rows)
-    x0, x1 = _trim(margin_cols)
+    y0, y1 = _kept_span(bright, 0, cfg.margin_fraction)
+    x0, x1 = _kept_span(bright, 1, cfg.margin_fraction)
     if y1 - y0 < 8 or x1 - x0 < 8:  # an all-white image: nothing sensible to crop to
         return gray, (0, 0, w, h)
     return gray[y0:y1, x0:x1], (x0, y0, x1, y1)
@@ -168,11 +164,32 @@ def _grow(runs: np.ndarray, by: int = 2) -> np.ndarray:
     return grown
 
 
-def _trim(is_margin: np.ndarray) -> tuple[int, int]:
-    keep = np.flatnonzero(~is_margin)
-    if keep.size == 0:
+def _kept_span(bright: np.ndarray, axis: int, fraction: float) -> tuple[int, int]:
+    """First and one-past-last row (axis 0) or column (axis 1) that is not margin; (0, 0) when all are.
+
+    Only lines from each end inwards are counted, 16 at a time, until a kept one is found: the answer depends on
+    nothing else, and margins are a few lines while images are hundreds."""
+    n, length = bright.shape[axis], bright.shape[1 - axis]
+
+    def margin(a: int, b: int) -> np.ndarray:
+        block = (bright[a:b] if axis == 0 else bright[:, a:b]).view(np.uint8)
+        # Counts over the length, in float64: exactly what `bright.mean(...)` gives, without a float copy.
+        return block.sum(axis=1 - axis, dtype=np.uint32) / length >= fraction
+
+    lo, a = None, 0
+    while lo is None and a < n:
+        kept = np.flatnonzero(~margin(a, min(n, a + 16)))
+        lo = a + int(kept[0]) if kept.size else None
+        a += 16
+    if lo is None:
         return 0, 0
-    return int(keep[0]), int(keep[-1]) + 1
+    b = n
+    while True:  # terminates: line `lo` is kept
+        a = max(lo, b - 16)
+        kept = np.flatnonzero(~margin(a, b))
+        if kept.size:
+            return lo, a + int(kept[-1]) + 1
+        b = a
 
 
 def gray_pixels(image: Image.Image) -> np.ndarray:

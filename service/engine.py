@@ -43,6 +43,9 @@ log = logging.getLogger("oct.engine")
 R = TypeVar("R")
 Box = tuple[int, int, int, int]
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Larger uploads (a 12 MP PNG, a DICOM frame over 1,000² in float) are decoded in a thread even with
+# OCT_CPU_WORKERS=0: their tens of milliseconds would stall every other connection of the process.
+INLINE_MAX_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -91,8 +94,8 @@ class Engine:
         inflight = settings.inflight_batches or (2 if self.cuda else 1)
         self._infer_pool = ThreadPoolExecutor(max_workers=inflight, thread_name_prefix="oct-infer")
         self._local = threading.local()  # per inference thread: CUDA stream and pinned staging buffer
-        self.cpu_pool = (ThreadPoolExecutor(max_workers=settings.cpu_workers, thread_name_prefix="oct-cpu")
-                         if settings.cpu_workers else None)
+        self.cpu_pool = ThreadPoolExecutor(max_workers=max(1, settings.cpu_workers), thread_name_prefix="oct-cpu")
+        self._inline = settings.cpu_workers == 0
         self.batcher: Batcher[Outputs] = Batcher(
             self._infer, self._infer_pool, max_batch_size=settings.max_batch_size,
             max_delay_s=settings.max_batch_delay_ms / 1000.0, max_queue=settings.max_queue,
@@ -221,15 +224,18 @@ class Engine:
             self._warmup_task.cancel()
         await self.batcher.drain(self.settings.drain_timeout_s)
         self._infer_pool.shutdown(wait=True)
-        if self.cpu_pool is not None:
-            self.cpu_pool.shutdown(wait=True)
+        self.cpu_pool.shutdown(wait=True)
 
     async def run_cpu(self, fn: Callable[..., R], *args: Any) -> R:
-        """Run CPU work (decoding, preprocessing, PNG encoding) off the event loop, in parallel with inference; with
-        OCT_CPU_WORKERS=0 on the event loop itself (no thread hand-offs: least CPU, but the loop waits meanwhile)."""
-        if self.cpu_pool is None:
-            return fn(*args)
+        """Run CPU work (DICOM decoding, building result objects) off the event loop, in parallel with inference."""
         return await asyncio.get_running_loop().run_in_executor(self.cpu_pool, functools.partial(fn, *args))
+
+    async def run_image(self, fn: Callable[..., R], *args: Any, nbytes: int) -> R:
+        """One B-scan's CPU work (`nbytes`: its upload or pixel size): on the event loop with OCT_CPU_WORKERS=0
+        when it is small (a few ms at most), else in the thread pool."""
+        if self._inline and nbytes <= INLINE_MAX_BYTES:
+            return fn(*args)
+        return await self.run_cpu(fn, *args)
 
     def _decode_and_preprocess(self, data: bytes, decoder: Decoder, limits: Limits) -> tuple[np.ndarray, Box]:
         return preprocess_gray(decoder(data, limits), self.cfg)
@@ -240,7 +246,7 @@ class Engine:
         """Score an uploaded image file: decoding and preprocessing in one trip to a CPU thread."""
         started = time.perf_counter() if started is None else started
         self._check_ready()
-        x, box = await self.run_cpu(self._decode_and_preprocess, data, decoder, limits)
+        x, box = await self.run_image(self._decode_and_preprocess, data, decoder, limits, nbytes=len(data))
         return await self._score(x, box, heatmaps, heatmap_format, request_id, started)
 
     async def score_gray(self, gray: np.ndarray, *, heatmaps: bool, heatmap_format: HeatmapFormat = "png",
@@ -248,7 +254,7 @@ class Engine:
         """Score one decoded image, (H, W) float [0, 1] or uint8. `started` (perf_counter) counts decode time too."""
         started = time.perf_counter() if started is None else started
         self._check_ready()
-        x, box = await self.run_cpu(preprocess_gray, gray, self.cfg)
+        x, box = await self.run_image(preprocess_gray, gray, self.cfg, nbytes=gray.nbytes)
         return await self._score(x, box, heatmaps, heatmap_format, request_id, started)
 
     def _check_ready(self) -> None:
@@ -263,7 +269,10 @@ class Engine:
         over = score > self.calibration.threshold if self.higher_is_anomalous else score < self.calibration.threshold
         if over:
             self.metrics.anomalies.inc()
-        maps = await self.run_cpu(encode_all, out.maps, heatmap_format) if heatmaps and out.maps else None
+        maps = None
+        if heatmaps and out.maps:
+            maps = await self.run_image(encode_all, out.maps, heatmap_format,
+                                        nbytes=sum(m.nbytes for m in out.maps.values()))
         return ScoreResult(
             request_id=request_id or uuid.uuid4().hex,
             model=ModelRef(name=self.manifest.name, version=self.manifest.version),

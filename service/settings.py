@@ -26,8 +26,10 @@ class Settings(BaseSettings):
     max_batch_delay_ms: float = Field(default=5.0, ge=0)
     max_queue: int = Field(default=256, ge=1, description="Requests waiting for inference before 503")
     retry_after_s: int = Field(default=1, ge=1)
-    cpu_workers: int = Field(default=4, ge=0, description="Threads that decode uploads and encode heatmaps; 0 = on "
-                             "the event loop")
+    # 0: a B-scan's decoding, preprocessing and heatmap encoding run on the event loop — least CPU per request (no
+    # thread hand-offs, no GIL contention); use OCT_WORKERS processes for parallelism. DICOM and big uploads always
+    # go to a thread, so the loop (and /healthz) never waits long.
+    cpu_workers: int = Field(default=0, ge=0, description="Threads that decode uploads and encode heatmaps")
 
     # Input limits: bytes on the wire, then pixels after the header is read (before decoding).
     # Large enough for a whole OCT volume (128 B-scans of 512×496 at 16 bits is 65 MB) in one DICOM upload.

@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 
-from service.deps import EngineDep, SettingsDep, require_api_key
+from service.deps import EngineDep, require_api_key
 from service.dicom.decode import is_dicom
 from service.dicom.ingest import score_dicom_upload
 from service.dicom.schemas import VolumeScoreResult
@@ -72,12 +72,13 @@ async def read_upload(request: Request, settings: Settings) -> tuple[bytes, Deco
     summary="Score one OCT B-scan",
 )
 async def score(
-    request: Request, engine: EngineDep, settings: SettingsDep,
+    request: Request, engine: EngineDep,
     heatmaps: Annotated[bool, Query(description="Return base64 heatmaps (see ScoreResult.heatmaps)")] = True,
     heatmap_format: Annotated[HeatmapFormat, Query(description="png (lossless, default), or the smaller lossy "
                                                    "webp or jpeg (quality 90)")] = "png",
 ) -> Response:
     started = time.perf_counter()
+    settings = engine.settings  # the app's settings; not a second dependency to solve on every request
     request.scope["oct.audit"] = {"model": engine.manifest.name, "model_version": engine.manifest.version}
     if not engine.ready:  # before reading the upload: a client should not send megabytes to be refused
         raise NotReady(engine.not_ready_reason, headers={"Retry-After": str(settings.retry_after_s)})

@@ -171,3 +171,16 @@ def test_training_reader_and_service_input_agree_on_real_scans() -> None:
             got, box = preprocess_gray(gray_pixels(im), Preprocessing())
         np.testing.assert_array_equal(got, want)
         assert box == want_box
+
+
+@pytest.mark.parametrize("margins", [(0, 0, 0, 0), (17, 3, 40, 33), (1, 16, 15, 32), (60, 59, 0, 1)])
+def test_crop_of_wide_margins_on_every_side_equals_the_reference(margins: tuple[int, int, int, int]) -> None:
+    top, bottom, left, right = margins
+    a = np.full((150, 170), 255, np.uint8)
+    a[top:150 - bottom, left:170 - right] = wedged(3, 150 - top - bottom, 170 - left - right)
+    a[top + 5, :] = 250  # a bright row inside the image stays: only lines from the ends are margin
+    for gray in (a, a.astype(np.float32) / 255.0):
+        got, box = crop_white_margins(gray, CFG)
+        want, want_box = reference_crop(a.astype(np.float32) / 255.0, CFG)
+        assert box == want_box
+        np.testing.assert_array_equal(np.asarray(got, np.float32) / (255.0 if got.dtype == np.uint8 else 1.0), want)
