@@ -32,7 +32,7 @@ from octcore.manifest import Manifest, ModelStoreError, load_scorer, resolve_ver
 from octcore.preprocess import preprocess_gray
 from service.batcher import Batcher
 from service.errors import NotReady
-from service.heatmaps import HeatmapFormat, encode_all, to_u8
+from service.heatmaps import HeatmapFormat, encode_all, heatmap_size, to_u8
 from service.imaging import Decoder, Limits
 from service.metrics import Metrics
 from service.schemas import ModelRef, ModelSummary, ScoreInfo, ScoreResult, TimingMs
@@ -137,16 +137,30 @@ class Engine:
             for k in self._wanted:
                 if out[k].shape[0] != n:
                     raise RuntimeError(f"scorer output {k!r} has {out[k].shape[0]} rows for a batch of {n}")
-            scores = torch.stack([out[k].reshape(n).float() for k in self.score_names])  # (K, B)
-            # Maps leave the device only for the requests that asked, already resized and as uint8.
-            maps = [None if box is None else {k: to_u8(out[m][i], self.map_scales[k], box)
-                                              for k, m in self.score_maps.items()} for i, box in enumerate(boxes)]
-            scores, maps = self._to_host(scores), [m and {k: self._to_host(v) for k, v in m.items()} for m in maps]
+            scores = self._to_host(torch.stack([out[k].reshape(n).float() for k in self.score_names]))  # (K, B)
+            heat = self._heatmaps(out, boxes)
             if self.cuda:
                 torch.cuda.current_stream().synchronize()
         table = scores.numpy().T.tolist()  # (B, K) Python floats
-        return [Outputs(dict(zip(self.score_names, row, strict=True)),
-                        m and {k: v.numpy() for k, v in m.items()}) for row, m in zip(table, maps, strict=True)]
+        maps: list[dict[str, np.ndarray] | None] = [None] * n
+        for u8, idx in heat:  # (K, n_group, h, w) uint8 on the host
+            for j, i in enumerate(idx):
+                maps[i] = {k: u8[ki, j].numpy() for ki, k in enumerate(self.score_maps)}
+        return [Outputs(dict(zip(self.score_names, row, strict=True)), m) for row, m in zip(table, maps, strict=True)]
+
+    def _heatmaps(self, out: dict[str, torch.Tensor], boxes: list[Box | None]) -> list[tuple[torch.Tensor, list[int]]]:
+        """uint8 heatmaps of the images that asked, on their way to the host: images whose crop boxes give the same
+        heatmap size are resized and scaled together, every score's map at once."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, box in enumerate(boxes):
+            if box is not None:
+                groups.setdefault(heatmap_size(box, self.size), []).append(i)
+        if not groups:
+            return []
+        stacked = torch.stack([out[m][:, 0] for m in self.score_maps.values()])  # (K, B, S, S)
+        scales = torch.tensor([self.map_scales[k] for k in self.score_maps], device=stacked.device)
+        return [(self._to_host(to_u8(stacked[:, idx], scales, boxes[idx[0]])), idx)  # type: ignore[arg-type]
+                for idx in groups.values()]
 
     def _forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         if self._autocast_dtype is None:

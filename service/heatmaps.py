@@ -34,16 +34,24 @@ def heatmap_size(box: tuple[int, int, int, int], size: int) -> tuple[int, int]:
     return max(1, round(size * w / h)), size
 
 
-def to_u8(score_map: torch.Tensor, map_scale: float, box: tuple[int, int, int, int]) -> torch.Tensor:
-    """One (…, S, S) map → uint8 (h, w) on the map's device: value = rint(clip(map / map_scale, 0, 1) * 255).
-
-    Resized with antialiased bilinear filtering, which is what PIL's BILINEAR does on a float image."""
-    m = score_map.reshape(1, 1, *score_map.shape[-2:]).float()
-    w, h = heatmap_size(box, m.shape[-1])
+def to_u8(maps: torch.Tensor, map_scale: float | torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
+    """Maps (..., S, S) sharing one crop box → uint8 (..., h, w) on their device:
+    value = rint(clip(map / map_scale, 0, 1) * 255). `map_scale` is a number or a tensor broadcasting over the
+    leading dimensions (one scale per score). Resized with antialiased bilinear filtering, which is what PIL's
+    BILINEAR does on a float image."""
+    lead, side = maps.shape[:-2], maps.shape[-1]
+    m = maps.reshape(-1, 1, *maps.shape[-2:]).float()
+    w, h = heatmap_size(box, side)
     if (h, w) != tuple(m.shape[-2:]):
         m = F.interpolate(m, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
-    scale = map_scale if map_scale > 0 else 1.0
-    return torch.nan_to_num(m[0, 0] / scale).clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
+    m = m.reshape(*lead, h, w)
+    if isinstance(map_scale, torch.Tensor):
+        # One scale per leading index: (K,) scales (K, n, h, w) maps.
+        scale = torch.where(map_scale > 0, map_scale, 1.0).reshape(
+            *map_scale.shape, *([1] * (len(lead) - map_scale.dim() + 2)))
+    else:
+        scale = map_scale if map_scale > 0 else 1.0
+    return torch.nan_to_num(m / scale).clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
 
 
 def _png(u8: np.ndarray) -> bytes:
@@ -84,11 +92,14 @@ def encode_all(maps: dict[str, np.ndarray], fmt: HeatmapFormat = "png") -> dict[
 def render(score_map: np.ndarray, map_scale: float, box: tuple[int, int, int, int],
            fmt: HeatmapFormat = "png") -> bytes:
     """One (S, S) map → image bytes: `to_u8` then `encode`, for callers that hold one map on the host."""
-    return encode(to_u8(torch.as_tensor(np.asarray(score_map, np.float32)), map_scale, box).numpy(), fmt)
+    return encode(to_u8(_one_map(score_map), map_scale, box).numpy(), fmt)
 
 
 def render_all(maps: dict[str, np.ndarray], scales: dict[str, float], box: tuple[int, int, int, int],
                fmt: HeatmapFormat = "png") -> dict[str, str]:
     """{score name: its (S, S) map} → {score name: base64 image}."""
-    return encode_all({k: to_u8(torch.as_tensor(np.asarray(m, np.float32)), scales[k], box).numpy()
-                       for k, m in maps.items()}, fmt)
+    return encode_all({k: to_u8(_one_map(m), scales[k], box).numpy() for k, m in maps.items()}, fmt)
+
+
+def _one_map(score_map: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(score_map, np.float32)).reshape(score_map.shape[-2:])

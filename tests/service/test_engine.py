@@ -33,19 +33,20 @@ def engine(tiny_model) -> Engine:
 def test_maps_only_for_the_images_that_asked(engine: Engine, tiny_model) -> None:
     files = kermany_files()[:3]
     x = np.stack([preprocess(Image.open(f), engine.cfg) for f in files])
-    boxes = [None, (0, 0, 300, 100), None]
+    boxes = [(0, 0, 300, 100), None, (0, 0, 300, 100)]  # two images resized together, one without maps
     out = engine._infer(x, boxes)
-    assert [o.maps is None for o in out] == [True, False, True]
+    assert [o.maps is None for o in out] == [False, True, False]
     manifest, scorer = load_scorer(tiny_model.version_dir, device="cpu")
     with torch.inference_mode():
-        raw = scorer(torch.from_numpy(x[1:2]).unsqueeze(1))
-    for name, u8 in out[1].maps.items():
-        assert u8.dtype == np.uint8 and u8.shape[::-1] == heatmap_size(boxes[1], engine.size)
-        # The documented scale, computed on the host the way the service used to: PIL bilinear, then scale.
-        m = raw[manifest.scores[name].map][0, 0].numpy()
-        resized = np.asarray(Image.fromarray(m).resize(heatmap_size(boxes[1], engine.size), Image.BILINEAR))
-        want = np.rint(np.clip(resized / engine.map_scales[name], 0, 1) * 255)
-        assert np.abs(u8.astype(int) - want).max() <= 1
+        raw = scorer(torch.from_numpy(x).unsqueeze(1))
+    for i in (0, 2):
+        for name, u8 in out[i].maps.items():
+            assert u8.dtype == np.uint8 and u8.shape[::-1] == heatmap_size(boxes[i], engine.size)
+            # The documented scale, computed on the host the way the service used to: PIL bilinear, then scale.
+            m = raw[manifest.scores[name].map][i, 0].numpy()
+            resized = np.asarray(Image.fromarray(m).resize(heatmap_size(boxes[i], engine.size), Image.BILINEAR))
+            want = np.rint(np.clip(resized / engine.map_scales[name], 0, 1) * 255)
+            assert np.abs(u8.astype(int) - want).max() <= 1
     for o, f in zip(out, files, strict=True):  # scores do not depend on whether maps were asked for
         assert set(o.scores) == set(manifest.scores)
         single = engine._infer(preprocess(Image.open(f), engine.cfg)[None], [None])[0]

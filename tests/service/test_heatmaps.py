@@ -57,5 +57,9 @@ def test_resize_and_scale_on_the_device_match_pil_on_the_host() -> None:
     box = (0, 0, 90, 40)
     host = np.asarray(Image.fromarray(m).resize(heatmap_size(box, 64), Image.Resampling.BILINEAR))
     want = np.rint(np.clip(host / 2.0, 0, 1) * 255)
-    got = to_u8(torch.from_numpy(m)[None], 2.0, box).numpy()
+    got = to_u8(torch.from_numpy(m), 2.0, box).numpy()
     assert got.shape == want.shape and np.abs(got.astype(int) - want).max() <= 1
+    # Batched as the engine does it: (scores, images, S, S) with one scale per score.
+    both = to_u8(torch.from_numpy(np.stack([m, m / 2])[:, None]), torch.tensor([2.0, 1.0]), box).numpy()
+    assert both.shape == (2, 1, *want.shape)
+    assert np.abs(both[0, 0].astype(int) - want).max() <= 1 and np.abs(both[1, 0].astype(int) - want).max() <= 1
