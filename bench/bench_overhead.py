@@ -11,8 +11,9 @@ depend on what else runs on the machine; requests per second does, so the scalin
 service used and the load average.
 
 With `--workers 1,2` it then runs the service with each OCT_WORKERS value at a concurrency that keeps every process
-busy and prints requests/s, cores used and CPU per request: the load generator runs in this process, pinned to the
-CPUs the service is not pinned to when `--pin` is given (on a 2-core machine it shares them; its CPU is not counted).
+busy and prints requests/s, cores used and CPU per request. The load generator (`--loadgen python`: threads in this
+process; `ab`: ApacheBench, far cheaper) runs on the CPUs the service is not pinned to when `--pin` is given; on a
+2-core machine it shares them, and its CPU is not counted.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import re
+import subprocess
 import sys
 import tempfile
 import threading
@@ -92,10 +95,37 @@ def load(url: str, body: bytes, path: str, concurrency: int, seconds: float) -> 
     return sum(c[0] for c in counts), sum(c[1] for c in counts), time.monotonic() - t0
 
 
-def measure(pid: int, url: str, body: bytes, path: str, concurrency: int, seconds: float) -> dict[str, float]:
-    load(url, body, path, concurrency, min(2.0, seconds))  # warm: first batches, allocator, connection set-up
+def load_ab(url: str, body: bytes, path: str, concurrency: int, seconds: float) -> tuple[int, int, float]:
+    """The same load from ApacheBench (`ab`, apt package apache2-utils): a C client that costs a fraction of the
+    Python one's CPU, so on a small machine more of the cores are left to the service."""
+    with tempfile.NamedTemporaryFile(suffix=".body") as f:
+        f.write(body)
+        f.flush()
+        t0 = time.monotonic()
+        out = subprocess.run(["ab", "-q", "-k", "-c", str(concurrency), "-t", str(seconds), "-n", "10000000",
+                              "-p", f.name, "-T", f"multipart/form-data; boundary={BOUNDARY}", url + path],
+                             capture_output=True, text=True, check=True).stdout
+        wall = time.monotonic() - t0
+
+    def field(name: str) -> int:
+        m = re.search(rf"^{name}:\s+(\d+)", out, re.M)
+        return int(m.group(1)) if m else 0
+
+    # ab counts an answer whose length differs from the first one's as "failed" (Length); ours differ by design.
+    m = re.search(r"\(Connect: (\d+), Receive: (\d+), Length: \d+, Exceptions: (\d+)\)", out)
+    bad = field("Non-2xx responses") + (sum(int(x) for x in m.groups()) if m else 0)
+    return field("Complete requests") - bad, bad, wall
+
+
+LOADERS = {"python": load, "ab": load_ab}
+
+
+def measure(pid: int, url: str, body: bytes, path: str, concurrency: int, seconds: float,
+            loader: str = "python") -> dict[str, float]:
+    run = LOADERS[loader]
+    run(url, body, path, concurrency, min(2.0, seconds))  # warm: first batches, allocator, connection set-up
     c0 = tree_cpu_s(pid)
-    ok, bad, wall = load(url, body, path, concurrency, seconds)
+    ok, bad, wall = run(url, body, path, concurrency, seconds)
     cpu = tree_cpu_s(pid) - c0
     return {"ms": 1e3 * cpu / max(ok, 1), "rps": ok / wall, "cores": cpu / wall, "bad": bad}
 
@@ -148,6 +178,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--formats", default="jpeg,png,dicom")
     p.add_argument("--workers", default="", help="comma list of OCT_WORKERS values for the scaling table")
+    p.add_argument("--loadgen", default="python", choices=sorted(LOADERS),
+                   help="load generator: python (http.client threads) or ab (ApacheBench, apt apache2-utils)")
     p.add_argument("--pin", default="", help="CPUs for the service, e.g. 0-7; the load generator gets the rest")
     p.add_argument("--env", action="append", default=[], help="extra OCT_X=Y for the service (repeatable)")
     args = p.parse_args()
@@ -165,14 +197,16 @@ def main() -> None:
     files = uploads(image)
     print(f"null scorer from {args.model_dir} at {args.size}²  image {image.name}  device {args.device}  "
           f"cpus {os.cpu_count()}  load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}  "
-          f"concurrency {args.concurrency}  {args.seconds:.0f} s per row  extra env {extra or '-'}")
+          f"concurrency {args.concurrency}  {args.seconds:.0f} s per row  load generator {args.loadgen}  "
+          f"extra env {extra or '-'}")
 
     port = free_port()
     bare = start([sys.executable, "-m", "uvicorn", "bench.service_bare_app:app", "--port", str(port),
                   "--log-level", "warning"], {}, port, svc_cpus)
     try:
         body = multipart(*files["jpeg"])
-        base = measure(bare.pid, f"http://127.0.0.1:{port}", body, "/score", args.concurrency, args.seconds)
+        base = measure(bare.pid, f"http://127.0.0.1:{port}", body, "/score", args.concurrency, args.seconds,
+                       args.loadgen)
     finally:
         stop(bare)
 
@@ -184,7 +218,7 @@ def main() -> None:
             body = multipart(*files[fmt])
             for heat in ("false", "true"):
                 r = measure(svc.pid, f"http://127.0.0.1:{port}", body, f"/score?heatmaps={heat}",
-                            args.concurrency, args.seconds)
+                            args.concurrency, args.seconds, args.loadgen)
                 rows.append((fmt, "on" if heat == "true" else "off", r))
     finally:
         stop(svc)
@@ -209,7 +243,8 @@ def main() -> None:
                         service_env(store, port, args.device, {"OCT_WORKERS": str(w), **extra}), port, svc_cpus)
             try:
                 conc = max(args.concurrency, 8 * w)
-                r = measure(svc.pid, f"http://127.0.0.1:{port}", body, "/score?heatmaps=false", conc, args.seconds)
+                r = measure(svc.pid, f"http://127.0.0.1:{port}", body, "/score?heatmaps=false", conc, args.seconds,
+                            args.loadgen)
             finally:
                 stop(svc)
             first = first or r["rps"]
