@@ -82,9 +82,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(cmd: list[str], env: dict[str, str], port: int) -> subprocess.Popen:
+def start(cmd: list[str], env: dict[str, str], port: int, cpus: set[int] | None = None) -> subprocess.Popen:
+    """Start a server and wait for its /readyz; `cpus` pins it (and its children) to those CPUs."""
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, preexec_fn=pin)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -101,7 +103,10 @@ def start(cmd: list[str], env: dict[str, str], port: int) -> subprocess.Popen:
 
 def stop(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGTERM)
-    proc.wait(60)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 async def load(url: str, data: bytes, concurrency: int, seconds: float, heatmaps: bool) -> dict[str, float]:
@@ -151,6 +156,8 @@ def main() -> None:
     p.add_argument("--max_batch_delay_ms", type=float, default=5.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--skip", default="", help="comma list of parts to skip: a,b,c,d")
+    p.add_argument("--workers", type=int, default=1, help="OCT_WORKERS for the service runs")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="OCT_PRECISION")
     args = p.parse_args()
     skip = set(args.skip.split(","))
     work = Path(tempfile.mkdtemp(prefix="bench-service-"))
@@ -167,7 +174,8 @@ def main() -> None:
     data = image.read_bytes()
     conc = [int(c) for c in args.concurrency.split(",")]
     print(f"model {version_dir}  device {args.device}  torch threads {torch.get_num_threads()}  "
-          f"cpus {os.cpu_count()}  image {image.name} ({len(data)} B)  {args.duration:.0f} s per point")
+          f"cpus {os.cpu_count()}  image {image.name} ({len(data)} B)  {args.duration:.0f} s per point  "
+          f"workers {args.workers}  precision {args.precision}")
 
     raw: dict[int, float] = {}
     if "a" not in skip:
@@ -189,7 +197,8 @@ def main() -> None:
         env = {"OCT_MODEL_STORE": str(store), "OCT_MODEL_NAME": name, "OCT_MODEL_VERSION": version,
                "OCT_DEVICE": args.device, "OCT_PORT": str(port), "OCT_MAX_BATCH_SIZE": str(mbs),
                "OCT_MAX_BATCH_DELAY_MS": str(args.max_batch_delay_ms), "OCT_MAX_QUEUE": "4096",
-               "OCT_LOG_LEVEL": "WARNING", "OCT_WARMUP": "false"}
+               "OCT_LOG_LEVEL": "WARNING", "OCT_WARMUP": "false", "OCT_WORKERS": str(args.workers),
+               "OCT_PRECISION": args.precision}
         proc = start([sys.executable, "-m", "service"], env, port)
         try:
             for c in conc:

@@ -6,6 +6,7 @@ Training, evaluation, export calibration and the service all call `preprocess`; 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -74,63 +75,140 @@ def _minmax(arr: np.ndarray) -> np.ndarray:
 
 
 def crop_white_margins(gray: np.ndarray, cfg: Preprocessing) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """Drop border rows/columns that are (almost) entirely white. Returns the crop and its box (x0, y0, x1, y1)."""
-    bright = gray > cfg.margin_threshold
-    margin_rows = bright.mean(axis=1) >= cfg.margin_fraction
-    margin_cols = bright.mean(axis=0) >= cfg.margin_fraction
-    y0, y1 = _trim(margin_rows)
-    x0, x1 = _trim(margin_cols)
+    """Drop border rows/columns that are (almost) entirely white. Returns the crop and its box (x0, y0, x1, y1).
+
+    `gray` is float [0, 1] or uint8 (value v standing for v / 255); the crop keeps its dtype.
+    """
+    bright = _bright(gray, cfg)
+    h, w = bright.shape
+    y0, y1 = _kept_span(bright, 0, cfg.margin_fraction)
+    x0, x1 = _kept_span(bright, 1, cfg.margin_fraction)
     if y1 - y0 < 8 or x1 - x0 < 8:  # an all-white image: nothing sensible to crop to
-        return gray, (0, 0, gray.shape[1], gray.shape[0])
+        return gray, (0, 0, w, h)
     return gray[y0:y1, x0:x1], (x0, y0, x1, y1)
 
 
 def fill_border_padding(gray: np.ndarray, cfg: Preprocessing) -> np.ndarray:
-    """Paint saturated pixels that connect straight to an image edge (along their row or column) with `margin_fill`."""
-    bright = gray > cfg.margin_threshold
+    """Paint saturated pixels that connect straight to an image edge (along their row or column) with `margin_fill`,
+    and the 2 pixels around them (JPEG ringing leaves a bright fringe along a wedge's edge). Float in, float out."""
+    bright = _bright(gray, cfg)
     if not (bright[0].any() or bright[-1].any() or bright[:, 0].any() or bright[:, -1].any()):
         return gray  # nothing saturated touches the border: the common case, and the cheap one
     h, w = bright.shape
-    rows, cols = np.arange(h)[:, None], np.arange(w)[None, :]
-    # Length of the saturated run starting at each edge, per column (top/bottom) and per row (left/right).
-    top, bottom = _run_length(bright, 0), _run_length(bright[::-1], 0)
-    left, right = _run_length(bright, 1), _run_length(bright[:, ::-1], 1)
-    pad = (rows < top[None, :]) | (rows >= h - bottom[None, :]) | (cols < left[:, None]) | (cols >= w - right[:, None])
-    for _ in range(2):  # grow by 2 px: JPEG ringing leaves a bright fringe along the wedge's edge
-        grown = pad.copy()
-        grown[1:] |= pad[:-1]
-        grown[:-1] |= pad[1:]
-        grown[:, 1:] |= pad[:, :-1]
-        grown[:, :-1] |= pad[:, 1:]
-        pad = grown
     out = gray.copy()
-    out[pad] = cfg.margin_fill
+    # Each edge's saturated runs, grown by 2 px in the L1 sense (two 4-neighbour dilations), painted on the slab of
+    # rows/columns they can reach: one vector per edge instead of whole-image masks.
+    top = _grow(_run_length(bright, 0))
+    bottom = _grow(_run_length(bright[::-1], 0))
+    left = _grow(_run_length(bright, 1))
+    right = _grow(_run_length(bright[:, ::-1], 1))
+    for runs, along in ((top, 0), (bottom, 0), (left, 1), (right, 1)):
+        lines = np.flatnonzero(runs)  # painted only between the first and last line that has a run
+        if not lines.size:
+            continue
+        a, b = int(lines[0]), int(lines[-1]) + 1
+        depth = min(int(runs[a:b].max()), out.shape[along])
+        inward = np.arange(depth)  # distance from the edge
+        if along == 0:
+            slab = out[:depth, a:b] if runs is top else out[h - depth:, a:b][::-1]
+            slab[inward[:, None] < runs[None, a:b]] = cfg.margin_fill
+        else:
+            slab = out[a:b, :depth] if runs is left else out[a:b, w - depth:][:, ::-1]
+            slab[inward[None, :] < runs[a:b, None]] = cfg.margin_fill
     return out
+
+
+def _bright(gray: np.ndarray, cfg: Preprocessing) -> np.ndarray:
+    if gray.dtype == np.uint8:
+        return gray >= _first_bright_u8(cfg.margin_threshold)
+    return gray > cfg.margin_threshold
+
+
+@functools.lru_cache(maxsize=16)
+def _first_bright_u8(threshold: float) -> int:
+    """The smallest v with v / 255 > threshold, computed as the float path computes it (256 when none)."""
+    above = np.arange(256, dtype=np.float32) / 255.0 > threshold
+    return int(np.argmax(above)) if above.any() else 256
 
 
 def _run_length(mask: np.ndarray, axis: int) -> np.ndarray:
     """Number of leading True values along `axis` (the whole length when all are True)."""
-    first_false = np.argmin(mask, axis=axis)
-    return np.where(mask.all(axis=axis), mask.shape[axis], first_false)
+    if axis == 1:  # rows are contiguous: gather the few whose first pixel is saturated
+        runs = np.zeros(mask.shape[0], dtype=np.int64)
+        rows = np.flatnonzero(mask[:, 0])
+        if rows.size:
+            sub = mask[rows]
+            runs[rows] = np.where(sub.all(axis=1), mask.shape[1], np.argmin(sub, axis=1))
+        return runs
+    if not mask[0].any():
+        return np.zeros(mask.shape[1], dtype=np.int64)
+    n = mask.shape[0]
+    k = min(n, 32)  # columns are strided: look at a few rows first, more only where a column is saturated throughout
+    while True:
+        full = mask[:k].all(axis=0)
+        if k == n or not full.any():
+            return np.where(full, k, np.argmin(mask[:k], axis=0))
+        k = min(n, 4 * k)
 
 
-def _trim(is_margin: np.ndarray) -> tuple[int, int]:
-    keep = np.flatnonzero(~is_margin)
-    if keep.size == 0:
+def _grow(runs: np.ndarray, by: int = 2) -> np.ndarray:
+    """Run lengths after dilating the runs by `by` px in L1: a neighbour d columns away reaches `by - d` further."""
+    if not runs.any():
+        return runs
+    grown = np.where(runs > 0, runs + by, 0)
+    n = runs.size
+    for d in range(1, by + 1):
+        reach = np.where(runs > 0, runs + by - d, 0)
+        grown[d:] = np.maximum(grown[d:], reach[:n - d])
+        grown[:n - d] = np.maximum(grown[:n - d], reach[d:])
+    return grown
+
+
+def _kept_span(bright: np.ndarray, axis: int, fraction: float) -> tuple[int, int]:
+    """First and one-past-last row (axis 0) or column (axis 1) that is not margin; (0, 0) when all are.
+
+    Only lines from each end inwards are counted, 16 at a time, until a kept one is found: the answer depends on
+    nothing else, and margins are a few lines while images are hundreds."""
+    n, length = bright.shape[axis], bright.shape[1 - axis]
+
+    def margin(a: int, b: int) -> np.ndarray:
+        block = (bright[a:b] if axis == 0 else bright[:, a:b]).view(np.uint8)
+        # Counts over the length, in float64: exactly what `bright.mean(...)` gives, without a float copy.
+        return block.sum(axis=1 - axis, dtype=np.uint32) / length >= fraction
+
+    lo, a = None, 0
+    while lo is None and a < n:
+        kept = np.flatnonzero(~margin(a, min(n, a + 16)))
+        lo = a + int(kept[0]) if kept.size else None
+        a += 16
+    if lo is None:
         return 0, 0
-    return int(keep[0]), int(keep[-1]) + 1
+    b = n
+    while True:  # terminates: line `lo` is kept
+        a = max(lo, b - 16)
+        kept = np.flatnonzero(~margin(a, b))
+        if kept.size:
+            return lo, a + int(kept[-1]) + 1
+        b = a
+
+
+def gray_pixels(image: Image.Image) -> np.ndarray:
+    """`to_gray`, except that 8-bit gray stays uint8 (value v stands for v / 255): the common scan, decoded without a
+    float copy of every pixel. `preprocess_gray` treats both alike."""
+    return np.asarray(image) if image.mode == "L" else to_gray(image)
 
 
 def preprocess_gray(gray: np.ndarray, cfg: Preprocessing) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """Gray [0, 1] (H, W) → model input float32 (size, size), plus the crop box in input pixels."""
+    """Gray (H, W), float [0, 1] or uint8, → model input float32 (size, size), plus the crop box in input pixels."""
     cropped, box = crop_white_margins(gray, cfg)
-    cropped = fill_border_padding(cropped, cfg)
-    resized = Image.fromarray(np.ascontiguousarray(cropped, dtype=np.float32)).resize(
-        (cfg.size, cfg.size), _RESAMPLE[cfg.resample])
+    # Only the kept region becomes float, as `to_gray` would have made it (v / 255 in float32).
+    cropped = cropped.astype(np.float32) / 255.0 if cropped.dtype == np.uint8 else cropped
+    cropped = fill_border_padding(np.ascontiguousarray(cropped, dtype=np.float32), cfg)
+    resized = Image.fromarray(cropped).resize((cfg.size, cfg.size), _RESAMPLE[cfg.resample])
     x = (np.asarray(resized, dtype=np.float32) - cfg.mean) / cfg.std
     return x, box
 
 
 def preprocess(image: Image.Image, cfg: Preprocessing) -> np.ndarray:
     """Decoded image → model input float32 (size, size). The function training, evaluation and serving share."""
-    return preprocess_gray(to_gray(image), cfg)[0]
+    return preprocess_gray(gray_pixels(image), cfg)[0]

@@ -2,8 +2,10 @@
 
 One future per request, one consumer task per model (after Ray Serve's `batching.py`). A batch closes when it
 holds `max_batch_size` items or when its oldest item has waited `max_delay_s`; the batch then runs in a worker
-thread so the event loop keeps accepting, decoding and encoding while the model computes. The number of requests
-waiting for inference is bounded: past `max_queue`, `submit` refuses at once instead of letting latency grow.
+thread so the event loop keeps accepting, decoding and encoding while the model computes. Up to `max_inflight`
+batches run at once (2 on a GPU: one batch's copies overlap the next one's compute), and while every slot is busy
+the queue keeps filling, so the next batch is larger. The number of requests waiting for inference is bounded: past
+`max_queue`, `submit` refuses at once instead of letting latency grow.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -38,25 +40,32 @@ class BatchTiming:
 @dataclass
 class _Item:
     x: np.ndarray
+    tag: Any
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
 
 
 class Batcher(Generic[T]):
-    """`run_batch(stacked (B, ...)) -> B results` runs on `executor`; `submit(x)` awaits one result."""
+    """`run_batch(stacked (B, ...), tags) -> B results` runs on `executor`; `submit(x, tag)` awaits one result.
 
-    def __init__(self, run_batch: Callable[[np.ndarray], Sequence[T]], executor: Executor, *, max_batch_size: int,
-                 max_delay_s: float, max_queue: int, retry_after_s: int = 1, metrics: Metrics | None = None) -> None:
+    A tag is whatever the batch function needs to know per item besides its array (the engine: whether, and at
+    which crop box, the request wants heatmaps)."""
+
+    def __init__(self, run_batch: Callable[[np.ndarray, list[Any]], Sequence[T]], executor: Executor, *,
+                 max_batch_size: int, max_delay_s: float, max_queue: int, retry_after_s: int = 1,
+                 metrics: Metrics | None = None, max_inflight: int = 1) -> None:
         self._run_batch = run_batch
         self._executor = executor
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
+        self.max_inflight = max_inflight
         self._retry_after = str(retry_after_s)
         self._metrics = metrics
         self._items: deque[_Item] = deque()
         self._arrived = asyncio.Event()
-        self._busy = False
+        self._inflight: set[asyncio.Task] = set()
+        self._slots: asyncio.Semaphore | None = None
         self._closing = False
         self._task: asyncio.Task | None = None
 
@@ -68,13 +77,13 @@ class Batcher(Generic[T]):
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="oct-batcher")
 
-    async def submit(self, x: np.ndarray) -> tuple[T, BatchTiming]:
+    async def submit(self, x: np.ndarray, tag: Any = None) -> tuple[T, BatchTiming]:
         if self._closing:
             raise ShuttingDown("not accepting new work", headers={"Retry-After": self._retry_after})
         if len(self._items) >= self.max_queue:
             raise Overloaded(f"{len(self._items)} requests already wait for inference (OCT_MAX_QUEUE)",
                              headers={"Retry-After": self._retry_after})
-        item = _Item(x, asyncio.get_running_loop().create_future())
+        item = _Item(x, tag, asyncio.get_running_loop().create_future())
         self._items.append(item)
         self._set_depth()
         self._arrived.set()
@@ -85,7 +94,7 @@ class Batcher(Generic[T]):
         self._closing = True
         self._arrived.set()  # a waiting batch closes now instead of at its deadline
         deadline = time.monotonic() + timeout_s
-        while (self._items or self._busy) and time.monotonic() < deadline:
+        while (self._items or self._inflight) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         if self._task is not None:
             self._task.cancel()
@@ -98,29 +107,45 @@ class Batcher(Generic[T]):
         self._items.clear()
 
     async def _loop(self) -> None:
+        self._slots = asyncio.Semaphore(self.max_inflight)
         while True:
             try:
-                batch = await self._next_batch()
-                await self._run(batch)
+                await self._slots.acquire()  # a free slot first: while all are busy, the queue grows a bigger batch
+                try:
+                    batch = await self._next_batch()
+                except BaseException:
+                    self._slots.release()
+                    raise
+                task = asyncio.get_running_loop().create_task(self._run(batch))
+                self._inflight.add(task)
+                task.add_done_callback(self._finished)
             except asyncio.CancelledError:
                 raise
             except Exception:  # the loop must outlive any one batch
                 log.exception("batcher loop error")
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._inflight.discard(task)
+        if self._slots is not None:
+            self._slots.release()
 
     async def _next_batch(self) -> list[_Item]:
         while not self._items:
             self._arrived.clear()
             await self._arrived.wait()
         deadline = self._items[0].enqueued + self.max_delay_s
+        loop = asyncio.get_running_loop()
         while len(self._items) < self.max_batch_size and not self._closing:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 break
             self._arrived.clear()
+            # A timer that sets the event, not wait_for: no task per arrival on the per-request path.
+            timer = loop.call_later(remaining, self._arrived.set)
             try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-            except TimeoutError:
-                break
+                await self._arrived.wait()
+            finally:
+                timer.cancel()
         n = min(len(self._items), self.max_batch_size)
         batch = [self._items.popleft() for _ in range(n)]
         self._set_depth()
@@ -131,10 +156,10 @@ class Batcher(Generic[T]):
         if not live:
             return
         started = time.perf_counter()
-        self._busy = True
         try:
             stacked = np.stack([it.x for it in live])
-            results = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, stacked)
+            results = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, stacked,
+                                                                       [it.tag for it in live])
             if len(results) != len(live):
                 raise RuntimeError(f"scorer returned {len(results)} results for a batch of {len(live)}")
         except Exception as e:
@@ -143,8 +168,6 @@ class Batcher(Generic[T]):
                 if not it.future.done():
                     it.future.set_exception(e)
             return
-        finally:
-            self._busy = False
         took = time.perf_counter() - started
         if self._metrics is not None:
             self._metrics.batch_size.observe(len(live))

@@ -1,4 +1,7 @@
-"""What routes need, as `Annotated[..., Depends()]` aliases: a signature says what a route uses, tests can swap it."""
+"""What routes need, as `Annotated[..., Depends()]` aliases: a signature says what a route uses, tests can swap it.
+
+All are `async def` although none awaits: FastAPI runs a plain `def` dependency in a worker thread, a thread hop
+per dependency per request for what is an attribute lookup."""
 
 from __future__ import annotations
 
@@ -14,15 +17,15 @@ from service.security import anonymous_off_loopback
 from service.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     engine = getattr(request.app.state, "engine", None)
     if engine is None:
         raise NotReady("model not loaded", headers={"Retry-After": "1"})
@@ -34,7 +37,7 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 
 
-def require_api_key(
+async def require_api_key(
     settings: SettingsDep,
     authorization: Annotated[str | None, Header(description="`Bearer <key>` when OCT_API_KEYS is set")] = None,
     x_api_key: Annotated[str | None, Header(description="`<key>`, instead of Authorization")] = None,
@@ -59,7 +62,7 @@ def require_api_key(
 AuthDep = Annotated[None, Depends(require_api_key)]
 
 
-def require_results_key(settings: SettingsDep) -> None:
+async def require_results_key(settings: SettingsDep) -> None:
     """Results carry patient data (the SR and SC copy name, ID and birth date): never anonymous off loopback, even
     with OCT_ALLOW_ANONYMOUS=true (which opens scoring only)."""
     if anonymous_off_loopback(settings):

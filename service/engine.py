@@ -1,19 +1,28 @@
 """The loaded model and everything around one scoring: preprocessing, the batcher, decisions and heatmaps.
 
 `Engine.load` reads, verifies and checks the model synchronously (so `python -m service` can refuse to start with a
-one-line reason); `start` then warms every batch size in the background and flips `ready`. Routes (and the DICOM
-work) call `score_gray` with a decoded image.
+one-line reason); `start` then warms every batch size in the background and flips `ready`. Routes call
+`score_upload` with the upload's bytes (decoded and preprocessed in one trip to a CPU thread), the DICOM work calls
+`score_gray` with a decoded frame. This file owns the loaded model; everything else only submits work to it.
+
+The inference path (`_infer`, in the inference threads): one host→device copy per batch from a pinned buffer, the
+scorer under the configured autocast precision, then only scores and — for the requests that asked — uint8 heatmaps
+come back to the host. On CUDA each inference thread has its own stream, so with two batches in flight one batch's
+copies overlap the other's compute.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -23,7 +32,8 @@ from octcore.manifest import Manifest, ModelStoreError, load_scorer, resolve_ver
 from octcore.preprocess import preprocess_gray
 from service.batcher import Batcher
 from service.errors import NotReady
-from service.heatmaps import render_all as render_heatmaps
+from service.heatmaps import HeatmapFormat, encode_all, heatmap_size, to_u8
+from service.imaging import Decoder, Limits
 from service.metrics import Metrics
 from service.preview import encode_preview
 from service.schemas import HeatmapBox, ModelRef, ModelSummary, ScoreInfo, ScoreResult, TimingMs
@@ -32,7 +42,19 @@ from service.settings import Settings
 log = logging.getLogger("oct.engine")
 
 R = TypeVar("R")
-Outputs = dict[str, np.ndarray]  # one image's scores (0-d) and maps (1, S, S)
+Box = tuple[int, int, int, int]
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Larger uploads (a 12 MP PNG, a DICOM frame over 1,000² in float) are decoded in a thread even with
+# OCT_CPU_WORKERS=0: their tens of milliseconds would stall every other connection of the process.
+INLINE_MAX_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """One image's result from a batch: every score, and uint8 heatmaps when its request asked for them."""
+
+    scores: dict[str, float]
+    maps: dict[str, np.ndarray] | None  # score name → uint8 (h, w) at the crop box's aspect ratio
 
 
 def pick_device(requested: str) -> str:
@@ -62,15 +84,23 @@ class Engine:
             if not manifest.calibration[k].map_scale:
                 log.warning("calibration[%r] has no map_scale: its heatmap uses map_scale 1.0", k)
         self._wanted = set(manifest.scores) | set(self.score_maps.values())
+        self.score_names = list(manifest.scores)
         self.ready = False
         self.not_ready_reason = "warming up"
-        # One inference thread: the device runs one batch at a time and batching does the rest.
-        self._infer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oct-infer")
-        self.cpu_pool = ThreadPoolExecutor(max_workers=settings.cpu_workers, thread_name_prefix="oct-cpu")
+        self.on_ready: Callable[[], None] | None = None  # called once, when `ready` turns true
+        self.cuda = device.startswith("cuda")
+        self._autocast_dtype = _DTYPES.get(settings.precision)
+        # On CPU one batch at a time (inference already uses every thread torch has); on CUDA two, each on its own
+        # stream, so the copies of one overlap the compute of the other.
+        inflight = settings.inflight_batches or (2 if self.cuda else 1)
+        self._infer_pool = ThreadPoolExecutor(max_workers=inflight, thread_name_prefix="oct-infer")
+        self._local = threading.local()  # per inference thread: CUDA stream and pinned staging buffer
+        self.cpu_pool = ThreadPoolExecutor(max_workers=max(1, settings.cpu_workers), thread_name_prefix="oct-cpu")
+        self._inline = settings.cpu_workers == 0
         self.batcher: Batcher[Outputs] = Batcher(
             self._infer, self._infer_pool, max_batch_size=settings.max_batch_size,
             max_delay_s=settings.max_batch_delay_ms / 1000.0, max_queue=settings.max_queue,
-            retry_after_s=settings.retry_after_s, metrics=metrics)
+            retry_after_s=settings.retry_after_s, metrics=metrics, max_inflight=inflight)
         self._warmup_task: asyncio.Task | None = None
 
     @classmethod
@@ -82,7 +112,8 @@ class Engine:
         version_dir = resolve_version_dir(settings.model_store, settings.model_name, settings.model_version)
         manifest, scorer = load_scorer(version_dir, device=device)
         engine = cls(settings, metrics, manifest, scorer, device)
-        engine._check_outputs(engine._infer(np.zeros((1, engine.size, engine.size), np.float32)))
+        with torch.inference_mode():
+            engine._check_outputs(scorer(torch.zeros((1, 1, engine.size, engine.size), device=device)))
         log.info("loaded %s v%d from %s on %s%s", manifest.name, manifest.version, version_dir, device,
                  "" if device == "cuda" else " (no CUDA device)" if settings.device == "auto" else "")
         metrics.model_info.labels(manifest.name, str(manifest.version), device, manifest.sha256[:12]).set(1)
@@ -90,36 +121,91 @@ class Engine:
             metrics.track_gpu()
         return engine
 
-    def _check_outputs(self, results: list[Outputs]) -> None:
-        missing = sorted(self._wanted - set(results[0]))
+    def _check_outputs(self, out: dict[str, torch.Tensor]) -> None:
+        missing = sorted(self._wanted - set(out))
         if missing:
             raise ModelStoreError(f"scorer output lacks {missing} named in the manifest")
         for k in self.score_maps.values():
-            if results[0][k].shape != (1, self.size, self.size):
-                raise ModelStoreError(f"scorer map {k!r} has shape {results[0][k].shape}, "
+            if tuple(out[k].shape) != (1, 1, self.size, self.size):
+                raise ModelStoreError(f"scorer map {k!r} has shape {tuple(out[k].shape[1:])}, "
                                       f"expected (1, {self.size}, {self.size})")
 
-    def _infer(self, xs: np.ndarray) -> list[Outputs]:
-        """(B, S, S) preprocessed → B per-image output dicts. Runs in the inference thread."""
-        with torch.inference_mode():
-            batch = torch.from_numpy(xs).unsqueeze(1).to(self.device, non_blocking=True)
-            out = self.scorer(batch)
-            arrays = {k: v.detach().float().cpu().numpy() for k, v in out.items() if k in self._wanted}
+    def _infer(self, xs: np.ndarray, boxes: list[Box | None]) -> list[Outputs]:
+        """(B, S, S) preprocessed + per image the crop box when it wants heatmaps → B `Outputs`. Inference thread."""
         n = xs.shape[0]
-        for k, v in arrays.items():
-            if v.shape[0] != n:
-                raise RuntimeError(f"scorer output {k!r} has {v.shape[0]} rows for a batch of {n}")
-        return [{k: v[i] for k, v in arrays.items()} for i in range(n)]
+        with torch.inference_mode(), self._on_own_stream():
+            out = self._forward(self._to_device(xs))
+            for k in self._wanted:
+                if out[k].shape[0] != n:
+                    raise RuntimeError(f"scorer output {k!r} has {out[k].shape[0]} rows for a batch of {n}")
+            scores = self._to_host(torch.stack([out[k].reshape(n).float() for k in self.score_names]))  # (K, B)
+            heat = self._heatmaps(out, boxes)
+            if self.cuda:
+                torch.cuda.current_stream().synchronize()
+        table = scores.numpy().T.tolist()  # (B, K) Python floats
+        maps: list[dict[str, np.ndarray] | None] = [None] * n
+        for u8, idx in heat:  # (K, n_group, h, w) uint8 on the host
+            for j, i in enumerate(idx):
+                maps[i] = {k: u8[ki, j].numpy() for ki, k in enumerate(self.score_maps)}
+        return [Outputs(dict(zip(self.score_names, row, strict=True)), m) for row, m in zip(table, maps, strict=True)]
+
+    def _heatmaps(self, out: dict[str, torch.Tensor], boxes: list[Box | None]) -> list[tuple[torch.Tensor, list[int]]]:
+        """uint8 heatmaps of the images that asked, on their way to the host: images whose crop boxes give the same
+        heatmap size are resized and scaled together, every score's map at once."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, box in enumerate(boxes):
+            if box is not None:
+                groups.setdefault(heatmap_size(box, self.size), []).append(i)
+        if not groups:
+            return []
+        stacked = torch.stack([out[m][:, 0] for m in self.score_maps.values()])  # (K, B, S, S)
+        scales = torch.tensor([self.map_scales[k] for k in self.score_maps], device=stacked.device)
+        return [(self._to_host(to_u8(stacked[:, idx], scales, boxes[idx[0]])), idx)  # type: ignore[arg-type]
+                for idx in groups.values()]
+
+    def _forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self._autocast_dtype is None:
+            return self.scorer(batch)
+        with torch.autocast("cuda" if self.cuda else "cpu", dtype=self._autocast_dtype):
+            return self.scorer(batch)
+
+    @contextlib.contextmanager
+    def _on_own_stream(self) -> Iterator[None]:
+        if not self.cuda:
+            yield
+            return
+        if getattr(self._local, "stream", None) is None:
+            self._local.stream = torch.cuda.Stream(device=self.device)
+        with torch.cuda.stream(self._local.stream):
+            yield
+
+    def _to_device(self, xs: np.ndarray) -> torch.Tensor:
+        """(B, S, S) → (B, 1, S, S) on the device. On CUDA through this thread's pinned buffer, so the copy is
+        asynchronous (`non_blocking` from pageable memory is a synchronous copy)."""
+        x = torch.from_numpy(xs).unsqueeze(1)
+        if not self.cuda:
+            return x
+        staging = getattr(self._local, "staging", None)
+        if staging is None or staging.shape[0] < x.shape[0]:
+            staging = self._local.staging = torch.empty((self.settings.max_batch_size, *x.shape[1:]),
+                                                        dtype=x.dtype, pin_memory=True)
+        staging[: x.shape[0]].copy_(x)
+        return staging[: x.shape[0]].to(self.device, non_blocking=True)
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        # From CUDA, a non-blocking copy lands in pinned memory; the caller synchronises the stream once.
+        return t.to("cpu", non_blocking=True) if self.cuda else t
 
     def _warm(self) -> None:
         x = np.zeros((self.settings.max_batch_size, self.size, self.size), np.float32)
+        full: Box = (0, 0, self.size, self.size)
         started = time.perf_counter()
         # On CUDA twice per size: TorchScript's profiling executor builds a shape's fused kernels on its second run.
-        passes = 2 if self.device == "cuda" else 1
+        passes = 2 if self.cuda else 1
         for b in range(1, self.settings.max_batch_size + 1):
             for _ in range(passes):
-                self._infer(x[:b])
-        if self.device == "cuda":
+                self._infer(x[:b], [full] + [None] * (b - 1))
+        if self.cuda:
             torch.cuda.synchronize()
         log.info("warmed batch sizes 1..%d in %.1f s", self.settings.max_batch_size, time.perf_counter() - started)
 
@@ -127,7 +213,7 @@ class Engine:
         """Start the batcher and warm up in the background; `ready` turns true when done."""
         self.batcher.start()
         if not self.settings.warmup:
-            self.ready = True
+            self._set_ready()
             return
         self._warmup_task = asyncio.get_running_loop().create_task(self._warm_then_ready())
 
@@ -138,7 +224,12 @@ class Engine:
             self.not_ready_reason = f"warm-up failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             log.error("never ready: %s", self.not_ready_reason)
             return
+        self._set_ready()
+
+    def _set_ready(self) -> None:
         self.ready = True
+        if self.on_ready is not None:
+            self.on_ready()
 
     async def stop(self) -> None:
         """Graceful: refuse new work, finish queued and in-flight batches, release the threads."""
@@ -146,32 +237,65 @@ class Engine:
         self.not_ready_reason = "shutting down"
         if self._warmup_task is not None and not self._warmup_task.done():
             self._warmup_task.cancel()
-        await self.batcher.drain()
+        await self.batcher.drain(self.settings.drain_timeout_s)
         self._infer_pool.shutdown(wait=True)
         self.cpu_pool.shutdown(wait=True)
 
     async def run_cpu(self, fn: Callable[..., R], *args: Any) -> R:
-        """Run CPU work (decoding, preprocessing, PNG encoding) off the event loop, in parallel with inference."""
+        """Run CPU work (DICOM decoding, building result objects) off the event loop, in parallel with inference."""
         return await asyncio.get_running_loop().run_in_executor(self.cpu_pool, functools.partial(fn, *args))
 
-    async def score_gray(self, gray: np.ndarray, *, heatmaps: bool, preview: bool = False,
-                         request_id: str | None = None, started: float | None = None) -> ScoreResult:
-        """Score one decoded image, float32 (H, W) in [0, 1]. `started` (perf_counter) counts decode time too."""
+    async def run_image(self, fn: Callable[..., R], *args: Any, nbytes: int) -> R:
+        """One B-scan's CPU work (`nbytes`: its upload or pixel size): on the event loop with OCT_CPU_WORKERS=0
+        when it is small (a few ms at most), else in the thread pool."""
+        if self._inline and nbytes <= INLINE_MAX_BYTES:
+            return fn(*args)
+        return await self.run_cpu(fn, *args)
+
+    def _prepare(self, gray: np.ndarray, preview: bool) -> tuple[np.ndarray, Box, str | None]:
+        """Model input, crop box and (when asked) the preview PNG of one decoded image."""
+        x, box = preprocess_gray(gray, self.cfg)
+        return x, box, encode_preview(gray) if preview else None
+
+    def _decode_and_prepare(self, data: bytes, decoder: Decoder, limits: Limits,
+                            preview: bool) -> tuple[np.ndarray, Box, str | None]:
+        return self._prepare(decoder(data, limits), preview)
+
+    async def score_upload(self, data: bytes, decoder: Decoder, limits: Limits, *, heatmaps: bool,
+                           heatmap_format: HeatmapFormat = "png", preview: bool = False,
+                           request_id: str | None = None, started: float | None = None) -> ScoreResult:
+        """Score an uploaded image file: decoding and preprocessing in one trip to a CPU thread."""
         started = time.perf_counter() if started is None else started
+        self._check_ready()
+        x, box, image = await self.run_image(self._decode_and_prepare, data, decoder, limits, preview,
+                                             nbytes=len(data))
+        return await self._score(x, box, image, heatmaps, heatmap_format, request_id, started)
+
+    async def score_gray(self, gray: np.ndarray, *, heatmaps: bool, heatmap_format: HeatmapFormat = "png",
+                         preview: bool = False, request_id: str | None = None,
+                         started: float | None = None) -> ScoreResult:
+        """Score one decoded image, (H, W) float [0, 1] or uint8. `started` (perf_counter) counts decode time too."""
+        started = time.perf_counter() if started is None else started
+        self._check_ready()
+        x, box, image = await self.run_image(self._prepare, gray, preview, nbytes=gray.nbytes)
+        return await self._score(x, box, image, heatmaps, heatmap_format, request_id, started)
+
+    def _check_ready(self) -> None:
         if not self.ready:
             raise NotReady(self.not_ready_reason, headers={"Retry-After": str(self.settings.retry_after_s)})
-        x, box = await self.run_cpu(preprocess_gray, gray, self.cfg)
-        out, timing = await self.batcher.submit(x)
-        scores = {k: float(out[k]) for k in self.manifest.scores}
+
+    async def _score(self, x: np.ndarray, box: Box, image: str | None, heatmaps: bool, heatmap_format: HeatmapFormat,
+                     request_id: str | None, started: float) -> ScoreResult:
+        out, timing = await self.batcher.submit(x, box if heatmaps else None)
+        scores = out.scores
         score = scores[self.primary]
         over = score > self.calibration.threshold if self.higher_is_anomalous else score < self.calibration.threshold
         if over:
             self.metrics.anomalies.inc()
         maps = None
-        if heatmaps:
-            maps = await self.run_cpu(render_heatmaps, {k: out[m] for k, m in self.score_maps.items()},
-                                      self.map_scales, box)
-        image = await self.run_cpu(encode_preview, gray) if preview else None
+        if heatmaps and out.maps:
+            maps = await self.run_image(encode_all, out.maps, heatmap_format,
+                                        nbytes=sum(m.nbytes for m in out.maps.values()))
         return ScoreResult(
             request_id=request_id or uuid.uuid4().hex,
             model=ModelRef(name=self.manifest.name, version=self.manifest.version),

@@ -13,20 +13,25 @@ from service.budget import InFlight
 from service.engine import Engine
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestContext
+from service.processes import READY, ServingState
 from service.routes import dicomweb, health, metrics, models, page, score
 from service.settings import Settings
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
-    """`engine` is given when the caller loaded the model already (`python -m service` does, to fail fast)."""
+def create_app(settings: Settings | None = None, engine: Engine | None = None,
+               serving: ServingState | None = None) -> FastAPI:
+    """`engine` is given when the caller loaded the model already (`python -m service` does, to fail fast);
+    `serving` carries the drain flag and, with several worker processes, their shared readiness."""
     settings = settings or Settings()
     security.require_safe(settings)
     metrics_ = engine.metrics if engine is not None else Metrics()
+    serving = serving or ServingState()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         eng = engine or await asyncio.to_thread(Engine.load, settings, metrics_)
         app.state.engine = eng
+        eng.on_ready = lambda: serving.set_state(READY)
         await eng.start()
         yield
         await eng.stop()  # uvicorn calls this after in-flight requests finished; the batcher drains what is left
@@ -36,6 +41,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.settings = settings
     app.state.metrics = metrics_
     app.state.engine = None
+    app.state.serving = serving
     errors.install(app)
     for r in (score.router, models.router, health.router, metrics.router, page.router):
         app.include_router(r)

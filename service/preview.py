@@ -13,8 +13,8 @@ from PIL import Image
 
 
 def encode_preview(gray: np.ndarray) -> str:
-    """Gray float32 (H, W) in [0, 1] → base64 8-bit gray PNG of the same size."""
-    u8 = np.rint(np.clip(np.nan_to_num(gray), 0.0, 1.0) * 255.0).astype(np.uint8)
+    """Gray (H, W), uint8 or float in [0, 1] → base64 8-bit gray PNG of the same size."""
+    u8 = gray if gray.dtype == np.uint8 else np.rint(np.clip(np.nan_to_num(gray), 0.0, 1.0) * 255.0).astype(np.uint8)
     buf = io.BytesIO()
     # zlib level 1: an OCT B-scan is speckle; higher levels cost CPU time for a few percent of bytes.
     Image.fromarray(u8).save(buf, format="PNG", compress_level=1)

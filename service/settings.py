@@ -26,7 +26,10 @@ class Settings(BaseSettings):
     max_batch_delay_ms: float = Field(default=5.0, ge=0)
     max_queue: int = Field(default=256, ge=1, description="Requests waiting for inference before 503")
     retry_after_s: int = Field(default=1, ge=1)
-    cpu_workers: int = Field(default=4, ge=1, description="Threads that decode uploads and encode heatmaps")
+    # 0: a B-scan's decoding, preprocessing and heatmap encoding run on the event loop — least CPU per request (no
+    # thread hand-offs, no GIL contention); use OCT_WORKERS processes for parallelism. DICOM and big uploads always
+    # go to a thread, so the loop (and /healthz) never waits long.
+    cpu_workers: int = Field(default=0, ge=0, description="Threads that decode uploads and encode heatmaps")
 
     # Input limits: bytes on the wire, then pixels after the header is read (before decoding).
     # Large enough for a whole OCT volume (128 B-scans of 512×496 at 16 bits is 65 MB) in one DICOM upload.
@@ -68,6 +71,16 @@ class Settings(BaseSettings):
     dicom_max_side: int = Field(default=8192, ge=16)
     # Delivered (or, with no PACS, stored) results are deleted after this many days; 0 keeps them for ever.
     results_retention_days: float = Field(default=30.0, ge=0)
+
+    # Serving processes, drain and precision (issue 11)
+    workers: int = Field(default=1, ge=1, le=256, description="Front-end processes sharing the port, each with its "
+                         "own batcher on the shared device (docs/service.md, 'Processes')")
+    drain_delay_s: float = Field(default=5.0, ge=0, description="After SIGTERM: /readyz answers 503 at once, "
+                                 "requests are still accepted and answered this long, then the listener closes")
+    drain_timeout_s: float = Field(default=60.0, gt=0, description="Longest wait for held requests to finish")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="Autocast dtype of the scorer")
+    inflight_batches: int = Field(default=0, ge=0, le=8, description="Batches in flight at once; 0 = 2 on CUDA "
+                                  "(copies overlap compute), 1 on CPU")
 
     @field_validator("model_version", mode="before")
     @classmethod

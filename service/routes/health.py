@@ -17,10 +17,11 @@ async def healthz() -> Health:
 
 
 @router.get("/readyz", response_model=Health, response_model_exclude_none=True, responses=problem_responses(NotReady),
-            summary="The model is loaded and warm")
+            summary="The model is loaded and warm, and the service is not draining")
 async def readyz(request: Request) -> Health | JSONResponse:
-    engine = getattr(request.app.state, "engine", None)
-    if engine is None or not engine.ready:
-        reason = "model not loaded" if engine is None else engine.not_ready_reason
+    # Not ready while warming, from the first moment of a drain (while requests are still answered), and while any
+    # other worker process is not ready: a probe reaches one worker but speaks for the port.
+    reason = request.app.state.serving.not_ready_reason(getattr(request.app.state, "engine", None))
+    if reason is not None:
         raise NotReady(reason, headers={"Retry-After": "1"})
     return Health(status="ready")

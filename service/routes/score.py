@@ -6,9 +6,11 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 
-from service.deps import EngineDep, SettingsDep, require_api_key
+from service.deps import EngineDep, require_api_key
 from service.dicom.decode import is_dicom
 from service.dicom.ingest import score_dicom_upload
 from service.dicom.schemas import VolumeScoreResult
@@ -27,6 +29,7 @@ from service.errors import (
     UnsupportedMediaType,
     problem_responses,
 )
+from service.heatmaps import HeatmapFormat
 from service.imaging import DECODERS, Decoder, Limits, decoder_for_upload
 from service.schemas import ScoreResult
 from service.settings import Settings
@@ -70,21 +73,31 @@ async def read_upload(request: Request, settings: Settings) -> tuple[bytes, Deco
     summary="Score one OCT B-scan",
 )
 async def score(
-    request: Request, engine: EngineDep, settings: SettingsDep,
-    heatmaps: Annotated[bool, Query(description="Return base64 PNG heatmaps (see ScoreResult.heatmaps)")] = True,
+    request: Request, engine: EngineDep,
+    heatmaps: Annotated[bool, Query(description="Return base64 heatmaps (see ScoreResult.heatmaps)")] = True,
+    heatmap_format: Annotated[HeatmapFormat, Query(description="png (lossless, default), or the smaller lossy "
+                                                   "webp or jpeg (quality 90)")] = "png",
     preview: Annotated[bool, Query(description="Return the decoded scan as PNG (see ScoreResult.preview)")] = False,
-) -> ScoreResult | VolumeScoreResult:
+) -> Response:
     started = time.perf_counter()
+    settings = engine.settings  # the app's settings; not a second dependency to solve on every request
     request.scope["oct.audit"] = {"model": engine.manifest.name, "model_version": engine.manifest.version}
     if not engine.ready:  # before reading the upload: a client should not send megabytes to be refused
         raise NotReady(engine.not_ready_reason, headers={"Retry-After": str(settings.retry_after_s)})
     data, decoder = await read_upload(request, settings)
     if decoder is None or is_dicom(data):  # a DICOM object: per-frame + volume scores (service/dicom)
-        return await score_dicom_upload(request, engine, data, heatmaps=heatmaps, preview=preview, started=started)
+        return _json(await score_dicom_upload(request, engine, data, heatmaps=heatmaps, preview=preview,
+                                              started=started))
     limits = Limits(max_side=settings.max_image_side, max_pixels=settings.max_image_pixels)
-    gray = await engine.run_cpu(decoder, data, limits)
-    result = await engine.score_gray(gray, heatmaps=heatmaps, preview=preview,
-                                     request_id=request.scope.get("oct.request_id"), started=started)
+    result = await engine.score_upload(data, decoder, limits, heatmaps=heatmaps, heatmap_format=heatmap_format,
+                                       preview=preview, request_id=request.scope.get("oct.request_id"),
+                                       started=started)
     request.scope["oct.audit"].update(score=result.score, is_anomalous=result.is_anomalous,
                                       percentile=round(result.percentile, 2))
-    return result
+    return _json(result)
+
+
+def _json(result: BaseModel) -> Response:
+    """Serialise once, in pydantic's Rust core. The model was validated when it was built; returning it for FastAPI
+    to check against `response_model` and encode again cost more than the rest of the response."""
+    return Response(result.model_dump_json(exclude_none=True), media_type="application/json")

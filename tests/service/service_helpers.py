@@ -36,7 +36,7 @@ class ServiceProcess:
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OCT_MODEL_STORE": str(store), "OCT_MODEL_NAME": name,
                     "OCT_DEVICE": "cpu", "OCT_HOST": "127.0.0.1", "OCT_PORT": str(self.port),
                     "OCT_TORCH_THREADS": "1", "OCT_CPU_WORKERS": "2", "OCT_MAX_BATCH_SIZE": "8",
-                    "OCT_MAX_BATCH_DELAY_MS": "20", **env}
+                    "OCT_MAX_BATCH_DELAY_MS": "20", "OCT_DRAIN_DELAY_S": "0", **env}
         self._log = open(log_path, "wb")  # noqa: SIM115 -- lives as long as the process it records
         self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=full_env, stdout=self._log,
                                      stderr=subprocess.STDOUT)

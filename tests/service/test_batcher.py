@@ -25,7 +25,7 @@ class Recorder:
         self.short_next = False
         self.gate: threading.Event | None = None
 
-    def __call__(self, xs: np.ndarray) -> list[float]:
+    def __call__(self, xs: np.ndarray, tags: list | None = None) -> list[float]:
         self.sizes.append(len(xs))
         if self.gate is not None:
             self.gate.wait(10)
@@ -157,3 +157,52 @@ def test_drain_finishes_queued_work_then_refuses() -> None:
         pool.shutdown()
 
     asyncio.run(main())
+
+
+def test_each_item_brings_its_tag_to_the_batch_function() -> None:
+    seen: list[list] = []
+
+    def fn(xs: np.ndarray, tags: list) -> list[float]:
+        seen.append(list(tags))
+        return [float(x.sum()) for x in xs]
+
+    async def main() -> None:
+        b, pool, _ = make(fn)
+        b.start()
+        await asyncio.gather(*(b.submit(item(i), tag=("box", i)) for i in range(4)))
+        await b.drain()
+        pool.shutdown()
+
+    asyncio.run(main())
+    assert seen == [[("box", i) for i in range(4)]]
+
+
+@pytest.mark.parametrize("inflight", [1, 2])
+def test_max_inflight_batches_run_at_once_and_the_queue_fills_meanwhile(inflight: int) -> None:
+    running, peak = 0, 0
+    lock = threading.Lock()
+    sizes: list[int] = []
+
+    def fn(xs: np.ndarray, tags: list) -> list[float]:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+            sizes.append(len(xs))
+        time.sleep(0.1)
+        with lock:
+            running -= 1
+        return [0.0] * len(xs)
+
+    async def main() -> None:
+        pool = ThreadPoolExecutor(max_workers=2)
+        b = Batcher(fn, pool, max_batch_size=1 if inflight == 2 else 64, max_delay_s=0.0, max_queue=100,
+                    max_inflight=inflight)
+        b.start()
+        await asyncio.gather(*(b.submit(item(i)) for i in range(6)))
+        await b.drain()
+        pool.shutdown()
+
+    asyncio.run(main())
+    assert peak == inflight, sizes
+    assert sum(sizes) == 6

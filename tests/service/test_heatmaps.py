@@ -6,9 +6,10 @@ import base64
 import io
 
 import numpy as np
+import torch
 from PIL import Image
 
-from service.heatmaps import heatmap_size, render, render_all
+from service.heatmaps import encode, heatmap_size, render, render_all, to_u8
 
 
 def test_size_keeps_the_crop_box_aspect_ratio() -> None:
@@ -35,3 +36,30 @@ def test_render_all_returns_base64_png_per_score() -> None:
     assert set(out) == {"residual", "alm"}
     alm = Image.open(io.BytesIO(base64.b64decode(out["alm"])))
     assert alm.size == (32, 16) and np.all(np.asarray(alm) == 128)
+
+
+def test_fast_png_is_lossless_and_lossy_formats_decode() -> None:
+    rng = np.random.default_rng(0)
+    u8 = rng.integers(0, 256, size=(37, 53), dtype=np.uint8)
+    u8[:, :20] = np.arange(20, dtype=np.uint8) * 12  # smooth part: Sub-filter differences
+    png = Image.open(io.BytesIO(encode(u8, "png")))
+    assert png.format == "PNG" and png.mode == "L"
+    np.testing.assert_array_equal(np.asarray(png), u8)
+    flat = np.full((64, 64), 77, np.uint8)
+    for fmt, name in (("webp", "WEBP"), ("jpeg", "JPEG")):
+        im = Image.open(io.BytesIO(encode(flat, fmt)))
+        assert im.format == name and im.size == (64, 64)
+        assert np.abs(np.asarray(im.convert("L")).astype(int) - 77).max() <= 2
+
+
+def test_resize_and_scale_on_the_device_match_pil_on_the_host() -> None:
+    m = np.random.default_rng(1).random((64, 64), dtype=np.float32) * 3
+    box = (0, 0, 90, 40)
+    host = np.asarray(Image.fromarray(m).resize(heatmap_size(box, 64), Image.Resampling.BILINEAR))
+    want = np.rint(np.clip(host / 2.0, 0, 1) * 255)
+    got = to_u8(torch.from_numpy(m), 2.0, box).numpy()
+    assert got.shape == want.shape and np.abs(got.astype(int) - want).max() <= 1
+    # Batched as the engine does it: (scores, images, S, S) with one scale per score.
+    both = to_u8(torch.from_numpy(np.stack([m, m / 2])[:, None]), torch.tensor([2.0, 1.0]), box).numpy()
+    assert both.shape == (2, 1, *want.shape)
+    assert np.abs(both[0, 0].astype(int) - want).max() <= 1 and np.abs(both[1, 0].astype(int) - want).max() <= 1

@@ -1,9 +1,12 @@
-"""Overload and shutdown: 503 + Retry-After at once when the queue is full; SIGTERM drops nothing accepted."""
+"""Overload and shutdown: 503 + Retry-After at once when the queue is full; SIGTERM drops nothing accepted, and a
+drain answers every connection that reached the service."""
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import signal
+import threading
 import time
 
 import httpx
@@ -57,3 +60,61 @@ def test_sigterm_under_load_answers_every_accepted_request(start_service, scan_b
     assert all(r.elapsed.total_seconds() > 0.4 for r in accepted)  # they were still queued at SIGTERM
     assert svc.proc.wait(30) == 0
     assert "Shutting down" in svc.log() or "shutting down" in svc.log().lower()
+
+
+def one_shot(port: int, path: str, body: bytes | None = None, headers: dict | None = None) -> str:
+    """One request on its own connection → 'refused' (never connected), 'reset' (connected, got no answer) or the
+    HTTP status as text."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        c.connect()
+    except ConnectionRefusedError:
+        return "refused"
+    try:
+        c.request("POST" if body is not None else "GET", path, body=body, headers=headers or {})
+        r = c.getresponse()
+        r.read()
+        return str(r.status)
+    except (ConnectionError, http.client.HTTPException, OSError):
+        return "reset"
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_drain_keeps_answering_for_the_delay_and_resets_no_connection(start_service, scan_bytes: bytes,
+                                                                      workers: str) -> None:
+    svc = start_service(OCT_WORKERS=workers, OCT_DRAIN_DELAY_S="1.5", OCT_MAX_BATCH_SIZE="8",
+                        OCT_MAX_BATCH_DELAY_MS="5")
+    boundary = "drain-test"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.jpeg"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + scan_bytes + f"\r\n--{boundary}--\r\n".encode()
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    outcomes: list[tuple[float, str]] = []
+    stop = threading.Event()
+
+    def client() -> None:  # one connection per request, until the port refuses for good
+        while not stop.is_set():
+            outcomes.append((time.monotonic(), one_shot(svc.port, "/score?heatmaps=false", body, headers)))
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    term_at = time.monotonic()
+    svc.proc.send_signal(signal.SIGTERM)
+    while one_shot(svc.port, "/readyz") != "503" and time.monotonic() < term_at + 1.0:
+        time.sleep(0.02)
+    not_ready_at = time.monotonic()
+    assert svc.proc.wait(60) == 0
+    stop.set()
+    for t in threads:
+        t.join(60)
+    kinds = [k for _, k in outcomes]
+    # /readyz turns 503 at once (signal delivery and one poll), while /score is still answered for the delay.
+    assert not_ready_at - term_at < 0.5
+    during_delay = [k for at, k in outcomes if not_ready_at < at < term_at + 1.2]
+    assert during_delay and set(during_delay) == {"200"}, during_delay
+    assert "reset" not in kinds, kinds.count("reset")
+    assert set(kinds) <= {"200", "refused"}, sorted(set(kinds))
+    assert kinds.count("200") >= 10

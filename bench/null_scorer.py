@@ -1,0 +1,63 @@
+"""A scorer that costs almost nothing, built from a real export's manifest, so the service's own cost shows.
+
+    python bench/null_scorer.py model_store/oct-vqvae/1 /tmp/nullstore --size 256   # writes /tmp/nullstore/null/1/
+
+Same output names as the template (every map and score of its manifest), maps at `--size`², values that follow the
+input (so PNG heatmaps cost what real maps cost). Method after the project's acceptance fixture for issue 9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+
+class NullScorer(torch.nn.Module):
+    def __init__(self, maps: list[str], scores: list[str]) -> None:
+        super().__init__()
+        self.maps, self.scores = maps, scores
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        m = x * 0.5  # the image's structure, not a constant: a flat map would compress to nothing
+        for k in self.maps:
+            out[k] = m
+        s = x.mean(dim=(1, 2, 3))
+        for k in self.scores:
+            out[k] = s
+        return out
+
+
+def build_null_store(template: Path, out_store: Path, size: int = 256) -> Path:
+    """Write `<out_store>/null/1/{model.pt, manifest.json}` from `template` (a version dir); returns that dir."""
+    man = json.loads((template / "manifest.json").read_text())
+    d = out_store / "null" / "1"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    man["name"], man["version"] = "null", 1
+    man["input"]["size"] = size
+    if "size" in man.get("preprocessing", {}):
+        man["preprocessing"]["size"] = size
+    model_file = d / man.get("file", "model.pt")
+    torch.jit.script(NullScorer(list(man["maps"]), list(man["scores"]))).save(str(model_file))
+    man["sha256"] = hashlib.sha256(model_file.read_bytes()).hexdigest()
+    (d / "manifest.json").write_text(json.dumps(man, indent=2))
+    return d
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("template", type=Path, help="a real export: <store>/<name>/<version>")
+    p.add_argument("out_store", type=Path)
+    p.add_argument("--size", type=int, default=256)
+    a = p.parse_args()
+    print(build_null_store(a.template, a.out_store, a.size))
+
+
+if __name__ == "__main__":
+    main()
