@@ -239,13 +239,16 @@ def test_gpu_security_and_resources(kind: str, name: str) -> None:
 
 @pytest.mark.parametrize(("kind", "name"), SCORERS)
 def test_shutdown_outlasts_endpoint_removal_and_the_longest_request(kind: str, name: str, config_maps) -> None:
-    """grace ≥ time kept serving while endpoints are removed (preStop sleep, plus the service's own drain delay once
-    it has one) + the longest request (compose's stop_grace_period) + 5 s to exit."""
+    """grace ≥ time kept serving while endpoints are removed (a preStop sleep if any, plus the service's own drain
+    delay, OCT_DRAIN_DELAY_S) + the longest request (compose's stop_grace_period) + 5 s to exit."""
     pod = _get(kind, name)["spec"]["template"]["spec"]
     c = _container(_get(kind, name))
     command = c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", ["sleep", "0"])
     assert command[0] == "sleep"
-    serving_s = int(command[1]) + float(_env(c, config_maps).get("OCT_DRAIN_DELAY_S") or 0)
+    from service.settings import Settings
+
+    drain_s = _env(c, config_maps).get("OCT_DRAIN_DELAY_S") or Settings.model_fields["drain_delay_s"].default
+    serving_s = int(command[1]) + float(drain_s)
     assert serving_s >= 5, "endpoint removal takes seconds to reach every node"
     compose = load_compose(ROOT / "docker-compose.yml")
     longest_s = int(compose["services"]["scorer"]["stop_grace_period"].removesuffix("s"))
