@@ -27,7 +27,14 @@ from training.checkpoint import load_checkpoint
 from training.data import CLASSES, DataError, list_images, resolve_data_root
 from training.device import pick_device
 from training.evaluate import roc, score_files, separation
-from training.export import add_prior_args, build_scorer, calibration_files, fit_combined, resolve_checkpoint
+from training.export import (
+    add_prior_args,
+    build_scorer,
+    calibration_files,
+    fit_combined,
+    fit_memory_bank,
+    resolve_checkpoint,
+)
 from training.phantom import mask_path
 from training.pixel_metrics import load_mask, pixel_metrics
 from training.plots import plot_grid, plot_histograms, plot_roc
@@ -90,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     scorer, specs, _ = build_scorer(ckpt, args.top_fraction, not args.no_prior, args.restore_samples,
                                     args.restore_max_positions, args.nll_top_fraction)
     scorer = scorer.to(device)
+    fit_memory_bank(scorer, ckpt, oct_root, prep, device, args.batch_size)
     score_names = list(specs)
     map_names = [s.map for s in specs.values() if s.map]
     if "combined" in specs:  # its normal statistics come from the calibration images, as in export
