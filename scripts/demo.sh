@@ -3,14 +3,14 @@
 #   set up .venv → phantom OCT2017 → train a small VQ-VAE and its latent prior → evaluate → export → serve.
 # Every step is a plain CLI you can rerun on the real dataset (see README). Options (environment):
 #   DEMO_DIR (default: demo)   where data and runs go      OCT_PORT (8000)  service port
-#   DEMO_EPOCHS (15)           VQ-VAE epochs                DEMO_SERVE (1)   0 = stop after export
+#   DEMO_EPOCHS (30)           VQ-VAE epochs                DEMO_SERVE (1)   0 = stop after export
 #   DEMO_PRIOR_EPOCHS (4)      prior epochs (0 = no prior, no NLL score)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=.venv/bin/python
 DIR=${DEMO_DIR:-demo}
-EPOCHS=${DEMO_EPOCHS:-15}
+EPOCHS=${DEMO_EPOCHS:-30}
 PRIOR_EPOCHS=${DEMO_PRIOR_EPOCHS:-4}
 PORT=${OCT_PORT:-8000}
 STORE=${OCT_MODEL_STORE:-model_store}
