@@ -22,6 +22,7 @@ SCORE_DESCRIPTIONS = {
     "alm_raw": "the original alignment loss: mean of the top {top:.1%} latent positions of mean_c (z_e - z_q)^2",
 }
 SCORE_MAPS = {"residual": "residual_map", "alm": "alm_map", "alm_raw": None}
+BANK_CHUNK_ROWS = 4096  # latent positions per distance matmul (4 images at 128 px): 64 MB with a 4,096-vector bank
 # The ALM map is 1/16 the pixels of the image: 1 % of a 32x32 grid is 10 positions, too few to be stable.
 ALM_TOP_FRACTION = 0.05
 
@@ -110,6 +111,7 @@ class Scorer(nn.Module):
         self.decoder = model.decoder
         self.top_fraction = top_fraction
         self.alm_top_fraction = ALM_TOP_FRACTION
+        self.bank_chunk_rows = BANK_CHUNK_ROWS
         self.register_buffer("memory_bank", torch.zeros(0, model.cfg.n_hiddens))
 
     def features(self, x: Tensor) -> Tensor:
@@ -145,9 +147,16 @@ class Scorer(nn.Module):
             return torch.zeros(b, 1, hgt, wid, device=h.device)
         flat = h.permute(0, 2, 3, 1).reshape(-1, c)
         bank = self.memory_bank
-        # ‖a - m‖² = ‖a‖² - 2 a·m + ‖m‖²: one matmul instead of cdist's pairwise differences.
-        d2 = flat.pow(2).sum(1, keepdim=True) - 2.0 * flat @ bank.t() + bank.pow(2).sum(1).unsqueeze(0)
-        return d2.min(1).values.clamp_min(0.0).sqrt().view(b, 1, hgt, wid)
+        bank_sq = bank.pow(2).sum(1).unsqueeze(0)
+        # ‖a - m‖² = ‖a‖² - 2 a·m + ‖m‖²: one matmul instead of cdist's pairwise differences, in chunks of rows so
+        # that a large batch never holds its whole (positions × bank) distance matrix (1 GB at batch 64, 128 px).
+        mins: list[Tensor] = []
+        chunk = self.bank_chunk_rows
+        for start in range(0, flat.shape[0], chunk):
+            part = flat[start:start + chunk]
+            d2 = part.pow(2).sum(1, keepdim=True) - 2.0 * part @ bank.t() + bank_sq
+            mins.append(d2.min(1).values)
+        return torch.cat(mins).clamp_min(0.0).sqrt().view(b, 1, hgt, wid)
 
     @torch.jit.unused
     @torch.no_grad()
