@@ -3,15 +3,15 @@
 #   set up .venv → phantom OCT2017 → train a small VQ-VAE and its latent prior → evaluate → export → serve.
 # Every step is a plain CLI you can rerun on the real dataset (see README). Options (environment):
 #   DEMO_DIR (default: demo)   where data and runs go      OCT_PORT (8000)  service port
-#   DEMO_EPOCHS (15)           VQ-VAE epochs                DEMO_SERVE (1)   0 = stop after export
-#   DEMO_PRIOR_EPOCHS (6)      prior epochs (0 = no prior, no NLL score)
+#   DEMO_EPOCHS (30)           VQ-VAE epochs                DEMO_SERVE (1)   0 = stop after export
+#   DEMO_PRIOR_EPOCHS (4)      prior epochs (0 = no prior, no NLL score)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=.venv/bin/python
 DIR=${DEMO_DIR:-demo}
-EPOCHS=${DEMO_EPOCHS:-15}
-PRIOR_EPOCHS=${DEMO_PRIOR_EPOCHS:-6}
+EPOCHS=${DEMO_EPOCHS:-30}
+PRIOR_EPOCHS=${DEMO_PRIOR_EPOCHS:-4}
 PORT=${OCT_PORT:-8000}
 STORE=${OCT_MODEL_STORE:-model_store}
 NAME=${OCT_MODEL_NAME:-phantom}
@@ -28,7 +28,8 @@ RUN=$(ls -d "$DIR"/runs/*/ | sort | tail -1)
 CKPT=$(ls "$RUN"best-*.ckpt | head -1)
 if [ "$PRIOR_EPOCHS" -gt 0 ]; then
   echo "== 3/6 latent prior (gated PixelCNN, 8 layers x 32 channels, $PRIOR_EPOCHS epochs)"
-  $PY -m training.train_prior --model_dir "$CKPT" --epochs "$PRIOR_EPOCHS" --n_layers 8 --n_channels 32
+  $PY -m training.train_prior --model_dir "$CKPT" --epochs "$PRIOR_EPOCHS" --n_layers 8 --n_channels 32 \
+    --batch_size 8 --learning_rate 2e-3
 fi
 echo "== 4/6 evaluation on the phantom test split"
 $PY -m training.inference --model_dir "$CKPT"

@@ -26,16 +26,19 @@ class ScoredSet:
     scores: dict[str, np.ndarray]
     map_samples: dict[str, np.ndarray] = field(default_factory=dict)
     examples: list[dict[str, np.ndarray]] = field(default_factory=list)  # first `keep_examples` images' maps
+    maps: dict[str, np.ndarray] = field(default_factory=dict)  # with `keep_maps`: every image's maps (N, S, S)
 
 
 @torch.no_grad()
 def score_files(scorer: torch.nn.Module, files: list[Path], prep: Preprocessing, score_names: list[str],
                 map_names: list[str], batch_size: int = 32, device: str | torch.device = "cpu",
-                num_workers: int = 0, keep_examples: int = 0, desc: str = "scoring") -> ScoredSet:
+                num_workers: int = 0, keep_examples: int = 0, keep_maps: bool = False,
+                desc: str = "scoring") -> ScoredSet:
     loader = DataLoader(OCTImages(files, prep), batch_size=batch_size, num_workers=num_workers)
     scores: dict[str, list[np.ndarray]] = {k: [] for k in score_names}
     samples: dict[str, list[np.ndarray]] = {k: [] for k in map_names}
     examples: list[dict[str, np.ndarray]] = []
+    kept: dict[str, list[np.ndarray]] = {k: [] for k in map_names} if keep_maps else {}
     rng = np.random.default_rng(0)
     for x in tqdm(loader, desc=desc, leave=False, disable=None, file=sys.stderr):
         out = scorer(x.to(device))
@@ -43,6 +46,8 @@ def score_files(scorer: torch.nn.Module, files: list[Path], prep: Preprocessing,
             scores[k].append(out[k].float().cpu().numpy())
         maps = {k: out[k].float().cpu().numpy()[:, 0] for k in map_names}
         for k, m in maps.items():
+            if keep_maps:
+                kept[k].append(m)
             flat = m.reshape(m.shape[0], -1)
             pick = rng.integers(0, flat.shape[1], size=(flat.shape[0], min(MAP_SAMPLES_PER_IMAGE, flat.shape[1])))
             samples[k].append(np.take_along_axis(flat, pick, axis=1).ravel())
@@ -51,7 +56,8 @@ def score_files(scorer: torch.nn.Module, files: list[Path], prep: Preprocessing,
                 examples.append({"input": x[i, 0].numpy(), "reconstruction": out["reconstruction"][i, 0].float().cpu()
                                  .numpy(), **{k: v[i] for k, v in maps.items() if k != "reconstruction"}})
     return ScoredSet(files=list(files), scores={k: _cat(v) for k, v in scores.items()},
-                     map_samples={k: _cat(v) for k, v in samples.items()}, examples=examples)
+                     map_samples={k: _cat(v) for k, v in samples.items()}, examples=examples,
+                     maps={k: _cat(v) for k, v in kept.items()})
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:

@@ -3,9 +3,12 @@
     python -m training.inference --model_dir saved_models/<run>/best-*.ckpt [--data_root DATA]
 
 Writes `<run>/inference/`: per-image scores (scores.csv), metrics.json (AUROC/AUPRC NORMAL-vs-rest and each disease
-vs NORMAL for every score), one figure grid per category (input, reconstruction, ALM, residual), ROC curves and score
-histograms; prints the table. When the run has a latent prior (`<run>/prior/`), its NLL map joins the grids and `nll`
-and `combined` join the table, exactly as `training.export` would serve them.
+vs NORMAL for every score; with lesion masks, `"pixel": {map: {"auroc", "aupro"}}` for every anomaly map), one
+figure grid per category (input, reconstruction, anomaly maps, the lesion mask outlined), ROC curves and score
+histograms; prints the tables. Lesion masks are `<OCT2017>/masks/<split>/<CLASS>/<stem>.png` (the phantom writes
+them); without a mask for every abnormal scan the pixel metrics are skipped with a note. When the run has a latent
+prior (`<run>/prior/`), its NLL map joins the grids and `nll` and `combined` join the table, exactly as
+`training.export` would serve them.
 """
 
 from __future__ import annotations
@@ -24,7 +27,16 @@ from training.checkpoint import load_checkpoint
 from training.data import CLASSES, DataError, list_images, resolve_data_root
 from training.device import pick_device
 from training.evaluate import roc, score_files, separation
-from training.export import add_prior_args, build_scorer, calibration_files, fit_combined, resolve_checkpoint
+from training.export import (
+    add_prior_args,
+    build_scorer,
+    calibration_files,
+    fit_combined,
+    fit_memory_bank,
+    resolve_checkpoint,
+)
+from training.phantom import mask_path
+from training.pixel_metrics import load_mask, pixel_metrics
 from training.plots import plot_grid, plot_histograms, plot_roc
 
 
@@ -57,6 +69,17 @@ def evaluation_table(scores: dict[str, dict[str, np.ndarray]], score_names: list
     return table
 
 
+def lesion_masks(oct_root: Path, split: str, files: dict[str, list[Path]], prep: Preprocessing,
+                 ) -> dict[str, np.ndarray] | None:
+    """{class: masks (N, S, S) bool} in model-input pixels, NORMAL all false; None unless every abnormal scan has
+    a mask at `masks/<split>/<CLASS>/<stem>.png` (the phantom writes them; the real data set has none)."""
+    paths = {c: [mask_path(oct_root, split, c, f.name) for f in fs] for c, fs in files.items() if c != "NORMAL"}
+    if not all(p.is_file() for ps in paths.values() for p in ps):
+        return None
+    return {c: np.stack([load_mask(f, paths[c][i] if c in paths else None, prep) for i, f in enumerate(fs)])
+            for c, fs in files.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     ckpt_path = resolve_checkpoint(args.model_dir)
@@ -74,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     scorer, specs, _ = build_scorer(ckpt, args.top_fraction, not args.no_prior, args.restore_samples,
                                     args.restore_max_positions, args.nll_top_fraction)
     scorer = scorer.to(device)
+    fit_memory_bank(scorer, ckpt, oct_root, prep, device, args.batch_size)
     score_names = list(specs)
     map_names = [s.map for s in specs.values() if s.map]
     if "combined" in specs:  # its normal statistics come from the calibration images, as in export
@@ -83,9 +107,17 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.output) if args.output else ckpt_path.parent / "inference"
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    masks = lesion_masks(oct_root, args.split, files, prep)
     scored = {c: score_files(scorer, fs, prep, score_names, map_names, args.batch_size, device, args.num_workers,
-                             keep_examples=args.examples, desc=c) for c, fs in files.items()}
+                             keep_examples=args.examples, keep_maps=masks is not None, desc=c)
+              for c, fs in files.items()}
     scores = {c: s.scores for c, s in scored.items()}
+    pixel = None
+    if masks is not None:  # localisation: every test image's maps against its lesion mask (NORMAL: no lesion)
+        gt = np.concatenate([masks[c] for c in scored])
+        pixel = pixel_metrics({k: np.concatenate([scored[c].maps[k] for c in scored]) for k in map_names}, gt)
+        for s in scored.values():
+            s.maps.clear()
 
     with open(out_dir / "scores.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -95,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
                 w.writerow([path.name, c, *(f"{s.scores[k][i]:.6g}" for k in score_names)])
     for c, s in scored.items():
         rows = [(f"{c} #{i}", {k: v for k, v in ex.items()}) for i, ex in enumerate(s.examples)]
+        outlines = [masks[c][i] for i in range(len(rows))] if masks is not None and c != "NORMAL" else None
         if rows:
-            plot_grid(rows, out_dir / f"grid_{c}.png", f"{c}: input, reconstruction, anomaly maps")
+            plot_grid(rows, out_dir / f"grid_{c}.png", f"{c}: input, reconstruction, anomaly maps"
+                      + (" (lesion mask outlined)" if outlines else ""), outlines)
     table = evaluation_table(scores, score_names)
     normal = scores["NORMAL"]
     rest = {k: np.concatenate([scores[c][k] for c in files if c != "NORMAL"]) for k in score_names}
@@ -107,8 +141,14 @@ def main(argv: list[str] | None = None) -> int:
                     list(scored), out_dir / "score_histograms.png")
     (out_dir / "metrics.json").write_text(json.dumps({"checkpoint": str(ckpt_path), "split": args.split,
                                                       "counts": {c: len(f) for c, f in files.items()},
-                                                      "results": table}, indent=2))
+                                                      "results": table} | ({"pixel": pixel} if pixel else {}),
+                                                     indent=2))
     print(format_table(table, score_names))
+    if pixel:
+        print(format_pixel_table(pixel))
+    else:
+        print(f"(no pixel metrics: {oct_root}/masks/{args.split}/<CLASS>/ holds no lesion mask for every abnormal "
+              "scan; the phantom writes them, real data sets have none)")
     print(f"→ {out_dir}")
     return 0
 
@@ -120,6 +160,12 @@ def format_table(table: dict[str, dict], score_names: list[str]) -> str:
         lines.append(f"{comp:<18}" + "".join(f"{per_score[k]['auroc']:>15.3f}{per_score[k]['auprc']:>15.3f}"
                                              for k in score_names))
     return "\n".join(lines)
+
+
+def format_pixel_table(pixel: dict[str, dict[str, float]]) -> str:
+    head = f"{'map':<24}{'pixel AUROC':>12}{'AUPRO@0.3':>12}"
+    return "\n".join([head, "-" * len(head), *(f"{k:<24}{v['auroc']:>12.3f}{v['aupro']:>12.3f}"
+                                              for k, v in pixel.items())])
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     python -m training.phantom ROOT [--train-normal N] [--test-per-class M] [--train-abnormal K] [--seed S]
 
-writes `ROOT/OCT2017/{train,test}/{NORMAL,CNV,DME,DRUSEN}/<CLASS>-<patient>-<n>.jpeg` and `ROOT/OCT2017/phantom.json`.
+writes `ROOT/OCT2017/{train,test}/{NORMAL,CNV,DME,DRUSEN}/<CLASS>-<patient>-<n>.jpeg`, `ROOT/OCT2017/phantom.json`,
+and for every abnormal scan its lesion mask `ROOT/OCT2017/masks/<split>/<CLASS>/<CLASS>-<patient>-<n>.png`.
 
 A scan is built from per-column layer boundaries (ILM … Bruch's membrane) that follow a tilted, curved RPE line
 and thin out into a foveal pit. Lesions are extra layers (sub-retinal fluid and hyper-reflective material,
@@ -39,7 +40,8 @@ WIDE_WIDTH = 768
 WIDE_FRACTION = 0.1
 JPEG_QUALITY = 90
 MARKER = "phantom.json"
-GENERATOR_VERSION = 1
+MASKS = "masks"  # OCT2017/masks/<split>/<CLASS>/<stem>.png: lesion ground truth, 8-bit, the scan's size
+GENERATOR_VERSION = 2  # 2: lesion masks
 _NAME = re.compile(r"^(NORMAL|CNV|DME|DRUSEN)-(\d+)-(\d+)\.jpeg$")
 # Distinct tags keep image and patient RNG streams apart.
 _IMAGE_TAG, _PATIENT_TAG = 0, 1
@@ -486,6 +488,13 @@ def render_bscan(rng: np.random.Generator, cls: str, height: int = HEIGHT, width
     the scan (choroid texture, speckle, margins) draw from separate streams, so `lesion=False` renders the very
     same scan without its lesion: the healthy twin, identical wherever the lesion has no effect.
     """
+    return render_bscan_and_mask(rng, cls, height, width, lesion=lesion)[0]
+
+
+def render_bscan_and_mask(rng: np.random.Generator, cls: str, height: int = HEIGHT, width: int = WIDTH, *,
+                          lesion: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """`render_bscan` plus its lesion mask: bool (height, width), true where the generator drew the lesion (see
+    `_lesion_mask`); all false for NORMAL. Computing the mask draws nothing from `rng`, so the scan is the same."""
     if cls not in CLASSES:
         raise ValueError(f"unknown class {cls!r}; expected one of {', '.join(CLASSES)}")
     if height < 64 or width < 64:
@@ -493,6 +502,7 @@ def render_bscan(rng: np.random.Generator, cls: str, height: int = HEIGHT, width
     eye_rng, lesion_rng, rng = (np.random.default_rng(int(s)) for s in rng.integers(0, 2**63, size=3))
     shape = (height, width)
     eye = _healthy_eye(eye_rng, height, width)
+    healthy_thick = eye.thick.copy()
     intens = np.array([v for _, v in _LAYERS], dtype=np.float32) * eye_rng.uniform(0.85, 1.1, len(_LAYERS))
     cls = cls if lesion else "NORMAL"
     spots: list[_Spot] = []
@@ -506,6 +516,7 @@ def render_bscan(rng: np.random.Generator, cls: str, height: int = HEIGHT, width
         spots = _dme(lesion_rng, eye, shape)
 
     b = eye.boundaries()
+    mask = _lesion_mask(cls, eye, healthy_thick, b, spots, height)
     # Retina and choroid are drawn on a canvas flattened to Bruch's membrane (row 0 = the BM row of each column),
     # then shifted into place column block by column block: cheap, and the choroid follows the RPE's curve.
     shift = np.floor(b[-1]).astype(np.int64)
@@ -554,7 +565,51 @@ def render_bscan(rng: np.random.Generator, cls: str, height: int = HEIGHT, width
     _blur121(img)
     np.clip(img, 0.0, 250.0, out=img)
     _white_margins(rng, img)
-    return img.astype(np.uint8)
+    mask &= img < 255.0  # what the registration margin painted over is no longer drawn (tissue is clipped at 250)
+    return img.astype(np.uint8), mask
+
+
+# Thinner than this many rows, a lesion layer is antialiasing only, not drawn tissue.
+_MASK_MIN_ROWS = 1.0
+# DME: retina counts as thickened where the oedema added at least this many rows (~1 pixel of a 128-px input).
+_MASK_MIN_SWELL_ROWS = 4.0
+
+
+def _lesion_mask(cls: str, eye: _Eye, healthy_thick: np.ndarray, b: np.ndarray, spots: list[_Spot],
+                 height: int) -> np.ndarray:
+    """Where the generator drew the lesion, bool (height, width): sub-retinal fluid and hyper-reflective material
+    wherever they are at least a row thick; sub-RPE deposits (drusen, PED material) with the RPE they lift — the
+    elevated RPE band is how drusen show; the lesion's spots (cysts, foci, exudates); for DME, the neurosensory
+    retina (ILM to ELM) wherever the oedema thickened it. CNV's shadows and the retina merely pushed up over a
+    lesion are consequences of the lesion, not the lesion, and stay unmarked."""
+    mask = np.zeros((height, eye.x.size), dtype=bool)
+    if cls == "NORMAL":
+        return mask
+    rows = np.arange(height, dtype=np.float32)[:, None]
+
+    def band(top: str, bottom: str, cols: np.ndarray) -> None:
+        """Rows from layer `top`'s upper boundary to layer `bottom`'s lower one, in columns `cols`."""
+        if cols.any():
+            upper, lower = b[_LAYER_INDEX[top]], b[_LAYER_INDEX[bottom] + 1]
+            mask[:] |= (rows >= upper[None, :]) & (rows < lower[None, :]) & cols[None, :]
+
+    for name in ("SRF", "SHRM"):
+        band(name, name, eye.thick[_LAYER_INDEX[name]] >= _MASK_MIN_ROWS)
+    band("RPE", "SUBRPE", eye.thick[_LAYER_INDEX["SUBRPE"]] >= _MASK_MIN_ROWS)
+    if cls == "DME":
+        grown = sum(eye.thick[_LAYER_INDEX[n]] - healthy_thick[_LAYER_INDEX[n]] for n in ("INL", "OPL", "ONL"))
+        band("NFL", "ONL", grown >= _MASK_MIN_SWELL_ROWS)
+    h, w = mask.shape
+    for s in spots:  # the same ellipses `_apply_spots` multiplies in, their inside only
+        cx, rx = s.cx * eye.scale, s.rx * eye.scale
+        x0, x1 = int(max(0, cx - rx - 1)), int(min(w, cx + rx + 2))
+        y0, y1 = int(max(0, s.cy - s.ry - 1)), int(min(h, s.cy + s.ry + 2))
+        if x1 <= x0 or y1 <= y0:
+            continue
+        yy = (np.arange(y0, y1, dtype=np.float32)[:, None] - s.cy) / s.ry
+        xx = (np.arange(x0, x1, dtype=np.float32)[None, :] - cx) / rx
+        mask[y0:y1, x0:x1] |= xx * xx + yy * yy < 1.0
+    return mask
 
 
 # ----------------------------------------------------------------------------------------------- generation
@@ -601,11 +656,18 @@ def _plan(counts: dict[str, dict[str, int]], seed: int) -> list[_Item]:
             for i, name in enumerate(_names(seed, split, cls, counts[split][cls]))]
 
 
+def mask_path(oct_root: Path, split: str, cls: str, scan_name: str) -> Path:
+    """Where the lesion mask of `<oct_root>/<split>/<cls>/<scan_name>` lives: `masks/<split>/<cls>/<stem>.png`."""
+    return oct_root / MASKS / split / cls / (Path(scan_name).stem + ".png")
+
+
 def _render_item(item: _Item, seed: int, out: Path) -> None:
     rng = _image_rng(seed, item.split, item.cls, item.index)
     width = WIDE_WIDTH if rng.random() < WIDE_FRACTION else WIDTH
-    img = render_bscan(rng, item.cls, HEIGHT, width)
+    img, mask = render_bscan_and_mask(rng, item.cls, HEIGHT, width)
     Image.fromarray(img, mode="L").save(out / item.split / item.cls / item.name, quality=JPEG_QUALITY)
+    if item.cls != "NORMAL":  # lossless, so the ground truth is exactly what was drawn
+        Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(mask_path(out, item.split, item.cls, item.name))
 
 
 def _render_chunk(items: Sequence[_Item], seed: int, out: Path) -> int:
@@ -640,6 +702,13 @@ def _prepare(out: Path, plan: list[_Item], overwrite: bool) -> None:
             d.mkdir(parents=True, exist_ok=True)
             stale += [p for p in d.iterdir()
                       if p.is_file() and not p.name.startswith(".") and (split, cls, p.name) not in wanted]
+            if cls != "NORMAL":
+                (out / MASKS / split / cls).mkdir(parents=True, exist_ok=True)
+    # Masks of images this run does not write (an earlier, larger run) go: a mask must always match its scan.
+    wanted_masks = {mask_path(out, i.split, i.cls, i.name) for i in plan}
+    for p in (out / MASKS).glob("*/*/*.png"):
+        if p not in wanted_masks:
+            p.unlink()
     if not stale:
         return
     foreign = [p for p in stale if not _NAME.match(p.name)]
@@ -685,6 +754,7 @@ def generate(root: str | os.PathLike, train_normal: int = 1000, test_per_class: 
                 pass
     (out / MARKER).write_text(json.dumps({
         "generator": "training.phantom", "version": GENERATOR_VERSION, "seed": seed, "counts": counts,
+        "masks": f"{MASKS}/<split>/<CLASS>/<stem>.png: 255 where the lesion was drawn, 0 elsewhere; none for NORMAL",
         "note": "synthetic phantom images, not patient data",
     }, indent=2) + "\n")
     return counts

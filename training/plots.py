@@ -26,15 +26,20 @@ def plot_loss_curves(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_grid(rows: list[tuple[str, dict[str, np.ndarray]]], path: Path, title: str) -> None:
-    """One row per image; columns are the named panels (input, reconstruction, maps)."""
+def plot_grid(rows: list[tuple[str, dict[str, np.ndarray]]], path: Path, title: str,
+              outlines: list[np.ndarray] | None = None) -> None:
+    """One row per image; columns are the named panels (input, reconstruction, maps). `outlines`: one bool mask per
+    row (the lesion), drawn as a contour on every anomaly map so one sees whether the map points at it."""
     cols = list(rows[0][1])
     fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.6 * len(cols), 2.6 * len(rows)), squeeze=False)
     for r, (label, panels) in enumerate(rows):
         for c, name in enumerate(cols):
             ax = axes[r][c]
             img = panels[name]
-            ax.imshow(img, cmap="gray" if name in ("input", "reconstruction") else "inferno")
+            is_map = name not in ("input", "reconstruction")
+            ax.imshow(img, cmap="inferno" if is_map else "gray")
+            if is_map and outlines is not None and outlines[r].any():
+                ax.contour(outlines[r].astype(np.float32), levels=[0.5], colors="cyan", linewidths=0.7)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:

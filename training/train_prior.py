@@ -36,8 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model_dir", required=True, help="VQ-VAE checkpoint (best-*.ckpt) or its run folder")
     p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--batch_size", type=int, default=32, help="global batch: split evenly across torchrun ranks")
-    p.add_argument("--learning_rate", type=float, default=1e-3)
+    # Small batches, a higher rate: the prior's data are a few hundred grids, so 32 per batch left it ~17 steps
+    # an epoch; on the demo phantom batch 8 at 2e-3 reached a lower val NLL in 1 epoch than 32 at 1e-3 in 4.
+    p.add_argument("--batch_size", type=int, default=8, help="global batch: split evenly across torchrun ranks")
+    p.add_argument("--learning_rate", type=float, default=2e-3)
     p.add_argument("--n_layers", type=int, default=15)
     p.add_argument("--n_channels", type=int, default=64)
     p.add_argument("--kernel_size", type=int, default=3)

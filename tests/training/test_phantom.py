@@ -13,7 +13,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.phantom import CLASSES, PhantomError, _image_rng, generate, main, render_bscan
+from training.phantom import (
+    CLASSES,
+    PhantomError,
+    _image_rng,
+    generate,
+    main,
+    mask_path,
+    render_bscan,
+    render_bscan_and_mask,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 KERMANY = ROOT / "tests" / "data" / "kermany"
@@ -160,6 +169,52 @@ def test_lesion_changes_only_its_region(cls: str, index: int) -> None:
     else:  # DME: thickened retina holding dark cystoid spaces
         assert (thicker >= 10).sum() >= 20
         assert (diff < -30).sum() > 300
+
+
+@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("cls", DISEASES)
+def test_mask_marks_what_the_lesion_changed(cls: str, index: int) -> None:
+    """The mask lies where the scan differs from its healthy twin and covers what the lesion drew: drusen and PED
+    material under the lifted RPE, CNV fluid and hyper-reflective material, DME cysts in the thickened retina."""
+    sick, mask = render_bscan_and_mask(_image_rng(9, "test", cls, index), cls)
+    assert np.array_equal(sick, render_bscan(_image_rng(9, "test", cls, index), cls)), "the mask draws no RNG"
+    twin = render_bscan(_image_rng(9, "test", cls, index), cls, lesion=False).astype(np.int16)
+    diff = sick.astype(np.int16) - twin
+    assert mask.shape == sick.shape and 0.0005 < mask.mean() < 0.2
+    changed_cols = np.abs(diff).max(axis=0) > 0
+    assert changed_cols[mask.any(axis=0)].all(), "no mask where the lesion changed nothing"
+    # Strong changes around the lesion (speckle blurs them a few pixels past its edge) are mostly inside the mask;
+    # what is left is the consequence, not the lesion: the retina pushed up, CNV's shadows.
+    grown = mask.copy()
+    for _ in range(3):
+        grown[1:] |= grown[:-1].copy()
+        grown[:-1] |= grown[1:].copy()
+        grown[:, 1:] |= grown[:, :-1].copy()
+        grown[:, :-1] |= grown[:, 1:].copy()
+    assert grown[diff < -60].mean() > 0.75, "darkening (fluid, cysts, deposits under the RPE) is lesion"
+    assert grown[np.abs(diff) > 60].mean() > 0.35
+    assert (np.abs(diff[mask]) > 20).mean() > 0.25, "the mask is not mostly unchanged tissue"
+    assert not render_bscan_and_mask(_image_rng(9, "test", cls, index), cls, lesion=False)[1].any()
+
+
+def test_masks_written_for_abnormal_scans_only(small_set: Path) -> None:
+    base = small_set / "OCT2017"
+    for split in ("train", "test"):
+        assert not (base / "masks" / split / "NORMAL").exists()
+        for cls in DISEASES:
+            scans = sorted((base / split / cls).iterdir())
+            masks = sorted((base / "masks" / split / cls).iterdir())
+            assert [mask_path(base, split, cls, p.name) for p in scans] == masks
+            for scan, m in zip(scans, masks, strict=True):
+                with Image.open(scan) as a, Image.open(m) as b:
+                    assert b.format == "PNG" and b.mode == "L" and b.size == a.size
+                    assert set(np.unique(np.asarray(b))) == {0, 255}
+
+
+def test_smaller_rerun_removes_stale_masks(tmp_path: Path) -> None:
+    generate(tmp_path, train_normal=0, test_per_class=3, seed=0, train_abnormal=0)
+    generate(tmp_path, train_normal=0, test_per_class=1, seed=0, train_abnormal=0)
+    assert len(list((tmp_path / "OCT2017" / "masks" / "test" / "DME").iterdir())) == 1
 
 
 def test_normal_has_no_lesion_to_remove() -> None:

@@ -18,7 +18,7 @@ from PIL import Image
 from octcore.manifest import load_scorer
 from octcore.preprocess import preprocess
 from training.checkpoint import load_checkpoint
-from training.export import build_scorer
+from training.export import build_scorer, fit_memory_bank
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,7 +44,7 @@ def test_manifest_contract(tiny_model) -> None:
     for k in man["scores"]:
         c = man["calibration"][k]
         assert len(c["percentiles"]) == 101 and c["percentiles"][95] == pytest.approx(c["threshold"])
-        assert c["map_scale"] > 0
+        assert c["map_scale"] > 0 if man["scores"][k]["map"] else c["map_scale"] is None  # alm_raw has no map
     assert man["training"]["config"]["epochs"] == 10
     assert set(man["evaluation"]["held_out"]) == set(man["scores"])
 
@@ -57,6 +57,7 @@ def test_scorer_loads_without_training_and_matches_eager(tiny_model) -> None:
     manifest, _ = load_scorer(tiny_model.version_dir)
     eager, _, _ = build_scorer(ckpt, top_fraction=0.01)
     cfg = manifest.preprocessing_config()
+    fit_memory_bank(eager, ckpt, tiny_model.data_root / "OCT2017", cfg, "cpu")  # seeded: the exported bank
     x = torch.stack([torch.from_numpy(preprocess(Image.open(f), cfg)) for f in files])[:, None]
     with torch.no_grad():
         expected = eager(x)
@@ -78,6 +79,12 @@ def test_inference_writes_report_and_beats_chance(tiny_model, tmp_path: Path) ->
     assert set(results) == {"NORMAL vs rest", "CNV vs NORMAL", "DME vs NORMAL", "DRUSEN vs NORMAL"}
     best = max(results["NORMAL vs rest"][k]["auroc"] for k in ("residual", "alm"))
     assert best > 0.55, f"phantom NORMAL-vs-rest AUROC {best:.3f} is not above chance"
+    pixel = json.loads((out / "metrics.json").read_text())["pixel"]  # the phantom writes lesion masks
+    maps = [m for m in json.loads((tiny_model.version_dir / "manifest.json").read_text())["maps"]
+            if m != "reconstruction"]
+    assert set(pixel) == set(maps)
+    assert all(0.0 <= v[m] <= 1.0 for v in pixel.values() for m in ("auroc", "aupro"))
+    assert max(v["auroc"] for v in pixel.values()) > 0.6, pixel
 
 
 def test_resume_continues_the_same_run(tiny_model, tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from octcore.manifest import load_scorer
 from octcore.preprocess import Preprocessing, preprocess
 from training import train_prior
 from training.checkpoint import load_checkpoint
-from training.export import build_scorer
+from training.export import auroc_standard_error, build_scorer
 from training.model import VQVAE
 from training.prior import GatedPixelCNN, PriorConfig, find_prior_checkpoint, load_prior_checkpoint
 from training.scorer import PriorScorer, Scorer, top_fraction_mean
@@ -133,7 +133,7 @@ def test_train_prior_needs_latent_codes(tiny_model, tmp_path: Path) -> None:
 
 def test_export_includes_nll_and_its_calibration(tiny_prior_model, tiny_model) -> None:
     man = json.loads((tiny_prior_model.version_dir / "manifest.json").read_text())
-    assert {"residual", "alm", "nll", "combined"} == set(man["scores"])
+    assert {"residual", "alm", "alm_raw", "nll", "combined"} == set(man["scores"])
     assert man["scores"]["nll"]["map"] == "nll_map" and "nats" in man["scores"]["nll"]["description"]
     assert man["scores"]["combined"]["map"] is None
     assert "nll_map" in man["maps"]
@@ -142,11 +142,15 @@ def test_export_includes_nll_and_its_calibration(tiny_prior_model, tiny_model) -
     assert man["calibration"]["combined"]["mean"] == pytest.approx(0.0, abs=1e-5)
     assert set(man["evaluation"]["held_out"]) == set(man["scores"])
     aurocs = {k: v["auroc"] for k, v in man["evaluation"]["held_out"].items()}
-    assert man["primary_score"] == max(aurocs, key=aurocs.get)
+    best = max(aurocs, key=aurocs.get)
+    held = man["evaluation"]["held_out"][best]
+    close = aurocs[best] - aurocs["combined"] <= auroc_standard_error(aurocs[best], held["n_normal"],
+                                                                      held["n_abnormal"])
+    assert man["primary_score"] == ("combined" if close else best)
     assert man["training"]["prior"]["prior_config"]["n_layers"] == 4
     # A run without a prior exports exactly what it did before.
     plain = json.loads((tiny_model.version_dir / "manifest.json").read_text())
-    assert set(plain["scores"]) == {"residual", "alm"} and "nll_map" not in plain["maps"]
+    assert set(plain["scores"]) == {"residual", "alm", "alm_raw"} and "nll_map" not in plain["maps"]
 
 
 def test_scorer_with_prior_loads_without_training_and_nll_matches_eager_prior(tiny_prior_model) -> None:
@@ -191,7 +195,7 @@ def test_restoration_redraws_unlikely_codes_and_scripts(tiny_prior_model, tmp_pa
     for k in ("restoration", "restored_residual", "nll", "combined"):
         torch.testing.assert_close(scripted[k], out[k])
     plain, plain_specs, _ = build_scorer(ckpt, 0.01, use_prior=False)
-    assert type(plain) is Scorer and set(plain_specs) == {"residual", "alm"}
+    assert type(plain) is Scorer and set(plain_specs) == {"residual", "alm", "alm_raw"}
 
 
 def test_inference_reports_nll_and_combined(tiny_prior_model, tmp_path: Path) -> None:
@@ -204,8 +208,9 @@ def test_inference_reports_nll_and_combined(tiny_prior_model, tmp_path: Path) ->
     assert {"nll", "combined"} <= set(results["NORMAL vs rest"])
     assert all(np.isfinite(results["NORMAL vs rest"][k]["auroc"]) for k in ("nll", "combined"))
     header = (out / "scores.csv").read_text().splitlines()[0]
-    assert header == "file,category,residual,alm,nll,combined"
+    assert header == "file,category,residual,alm,alm_raw,nll,combined"
     assert (out / "grid_DME.png").is_file()
+    assert set(json.loads((out / "metrics.json").read_text())["pixel"]) == {"residual_map", "alm_map", "nll_map"}
 
 
 def test_service_returns_nll_score_and_heatmap(tiny_prior_model, tmp_path: Path) -> None:

@@ -1,0 +1,79 @@
+"""The exported scorer's maps: the local-RMS residual, the memory-bank ALM and its coreset."""
+
+from __future__ import annotations
+
+import io
+
+import torch
+
+from training.model import VQVAE, VQVAEConfig
+from training.scorer import Scorer, coreset, gaussian_blur
+
+CFG = VQVAEConfig(n_hiddens=16, n_residual_hiddens=8, n_residual_layers=1, embedding_dim=8, n_embeddings=16)
+
+
+def _scorer() -> Scorer:
+    torch.manual_seed(0)
+    model = VQVAE(CFG)
+    model.train()(torch.randn(4, 1, 32, 32))  # initialise the codebook from data
+    return Scorer(model.eval()).eval()
+
+
+def test_gaussian_blur_keeps_constants_and_mass() -> None:
+    x = torch.full((1, 1, 16, 16), 3.0)
+    torch.testing.assert_close(gaussian_blur(x, 2.0), x)
+    dot = torch.zeros(1, 1, 33, 33)
+    dot[0, 0, 16, 16] = 1.0
+    out = gaussian_blur(dot, 2.0)
+    assert abs(float(out.sum()) - 1.0) < 1e-5 and float(out.max()) < 0.05  # spread out, nothing lost
+
+
+def test_coreset_takes_the_far_points_a_random_subset_would_miss() -> None:
+    """900 vectors in one tight cluster, 3 far outliers: a 4-vector coreset holds all 3 outliers."""
+    torch.manual_seed(0)
+    flat = torch.cat([0.01 * torch.randn(900, 8), 10 * torch.eye(8)[:3]])
+    picked = coreset(flat, 4, seed=1, proj_dim=8)
+    assert set(range(900, 903)) <= set(picked.tolist())
+    assert coreset(flat, 5000).tolist() == list(range(903))  # asking for more than there is: all of them
+
+
+def test_alm_is_zero_on_the_bank_and_grows_away_from_it() -> None:
+    scorer = _scorer()
+    x = torch.randn(2, 1, 32, 32)
+    assert float(scorer(x)["alm"].abs().max()) == 0.0  # unfitted: no bank, no ALM
+    with torch.no_grad():
+        feats = scorer.features(x)
+    scorer.fit_memory_bank(feats, size=10_000)  # every vector of x's own features
+    with torch.no_grad():
+        same, other = scorer(x), scorer(x + 2 * torch.randn_like(x))
+    assert float(same["alm_map"].abs().max()) < 1e-2
+    assert bool((other["alm"] > same["alm"] + 1e-3).all())
+
+
+def test_residual_map_averages_speckle_but_keeps_a_blob() -> None:
+    """Same total squared error: scattered single pixels (speckle) vs one compact blob. The local RMS keeps the
+    blob's peak and flattens the speckle; the raw |x - x̂| could not tell the two apart."""
+    torch.manual_seed(0)
+    speckle = torch.zeros(1, 1, 128, 128)
+    speckle.view(-1)[torch.randperm(128 * 128)[:36]] = 1.0
+    blob = torch.zeros(1, 1, 128, 128)
+    blob[0, 0, 20:26, 20:26] = 1.0
+    rms = [gaussian_blur(r.pow(2), 128 / 64.0).sqrt().max() for r in (speckle, blob)]
+    assert float(rms[1]) > 2 * float(rms[0])
+
+
+def test_scripted_scorer_with_a_bank_matches_eager_after_save_load() -> None:
+    scorer = _scorer()
+    with torch.no_grad():
+        scorer.fit_memory_bank(scorer.features(torch.randn(3, 1, 32, 32)), size=50)
+    scripted = torch.jit.script(scorer)
+    buf = io.BytesIO()
+    torch.jit.save(scripted, buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
+    x = torch.randn(2, 1, 32, 32)
+    eager, got = scorer(x), loaded(x)
+    assert loaded.memory_bank.shape == (50, CFG.n_hiddens)
+    for k in ("residual_map", "alm_map", "residual", "alm", "alm_raw"):
+        torch.testing.assert_close(got[k], eager[k])
+    assert float(eager["alm"].min()) > 0.0
