@@ -31,6 +31,11 @@ def test_a_clearly_better_score_still_wins() -> None:
     assert choose_primary(_held_out(residual=0.8, alm=0.6), SPECS, None) == "residual"  # no combined (no prior)
 
 
+def test_without_held_out_scans_combined_pools_the_evidence() -> None:
+    assert choose_primary({}, SPECS, None) == "combined"
+    assert choose_primary({}, {k: SPECS[k] for k in ("residual", "alm")}, None) == "residual"  # no prior
+
+
 def test_requested_score_overrides_and_unknown_is_refused() -> None:
     held = _held_out(residual=0.9, combined=0.95)
     assert choose_primary(held, SPECS, "alm") == "alm"
