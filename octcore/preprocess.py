@@ -79,23 +79,40 @@ def crop_white_margins(gray: np.ndarray, cfg: Preprocessing) -> tuple[np.ndarray
 
     `gray` is float [0, 1] or uint8 (value v standing for v / 255); the crop keeps its dtype.
     """
+    cropped, box, _ = _crop(gray, cfg)
+    return cropped, box
+
+
+def _crop(gray: np.ndarray, cfg: Preprocessing) -> tuple[np.ndarray, tuple[int, int, int, int], np.ndarray]:
+    """`crop_white_margins`, plus the saturation mask of the crop (what the border fill needs next)."""
     bright = _bright(gray, cfg)
     h, w = bright.shape
     y0, y1 = _kept_span(bright, 0, cfg.margin_fraction)
     x0, x1 = _kept_span(bright, 1, cfg.margin_fraction)
     if y1 - y0 < 8 or x1 - x0 < 8:  # an all-white image: nothing sensible to crop to
-        return gray, (0, 0, w, h)
-    return gray[y0:y1, x0:x1], (x0, y0, x1, y1)
+        return gray, (0, 0, w, h), bright
+    return gray[y0:y1, x0:x1], (x0, y0, x1, y1), bright[y0:y1, x0:x1]
 
 
 def fill_border_padding(gray: np.ndarray, cfg: Preprocessing) -> np.ndarray:
     """Paint saturated pixels that connect straight to an image edge (along their row or column) with `margin_fill`,
     and the 2 pixels around them (JPEG ringing leaves a bright fringe along a wedge's edge). Float in, float out."""
     bright = _bright(gray, cfg)
-    if not (bright[0].any() or bright[-1].any() or bright[:, 0].any() or bright[:, -1].any()):
-        return gray  # nothing saturated touches the border: the common case, and the cheap one
-    h, w = bright.shape
+    if not _touches_border(bright):
+        return gray
     out = gray.copy()
+    _paint_border_padding(bright, out, cfg.margin_fill)
+    return out
+
+
+def _touches_border(bright: np.ndarray) -> bool:
+    # Nothing saturated on the border is the common case, and the cheap one.
+    return bool(bright[0].any() or bright[-1].any() or bright[:, 0].any() or bright[:, -1].any())
+
+
+def _paint_border_padding(bright: np.ndarray, out: np.ndarray, fill: float) -> None:
+    """Paint, in place, the padding `bright` (the saturation mask of `out`) shows: see `fill_border_padding`."""
+    h, w = bright.shape
     # Each edge's saturated runs, grown by 2 px in the L1 sense (two 4-neighbour dilations), painted on the slab of
     # rows/columns they can reach: one vector per edge instead of whole-image masks.
     top = _grow(_run_length(bright, 0))
@@ -111,11 +128,10 @@ def fill_border_padding(gray: np.ndarray, cfg: Preprocessing) -> np.ndarray:
         inward = np.arange(depth)  # distance from the edge
         if along == 0:
             slab = out[:depth, a:b] if runs is top else out[h - depth:, a:b][::-1]
-            slab[inward[:, None] < runs[None, a:b]] = cfg.margin_fill
+            slab[inward[:, None] < runs[None, a:b]] = fill
         else:
             slab = out[a:b, :depth] if runs is left else out[a:b, w - depth:][:, ::-1]
-            slab[inward[None, :] < runs[a:b, None]] = cfg.margin_fill
-    return out
+            slab[inward[None, :] < runs[a:b, None]] = fill
 
 
 def _bright(gray: np.ndarray, cfg: Preprocessing) -> np.ndarray:
@@ -200,11 +216,17 @@ def gray_pixels(image: Image.Image) -> np.ndarray:
 
 def preprocess_gray(gray: np.ndarray, cfg: Preprocessing) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """Gray (H, W), float [0, 1] or uint8, → model input float32 (size, size), plus the crop box in input pixels."""
-    cropped, box = crop_white_margins(gray, cfg)
-    # Only the kept region becomes float, as `to_gray` would have made it (v / 255 in float32).
-    cropped = cropped.astype(np.float32) / 255.0 if cropped.dtype == np.uint8 else cropped
-    cropped = fill_border_padding(np.ascontiguousarray(cropped, dtype=np.float32), cfg)
-    resized = Image.fromarray(cropped).resize((cfg.size, cfg.size), _RESAMPLE[cfg.resample])
+    cropped, box, bright = _crop(gray, cfg)
+    # Only the kept region becomes float, as `to_gray` would have made it (v / 255 in float32): a new array, so the
+    # fill paints it in place. The saturation mask comes from the crop step (on uint8, a quarter of the bytes).
+    touches = _touches_border(bright)
+    if cropped.dtype == np.uint8:
+        x = cropped.astype(np.float32) / 255.0
+    else:  # the caller's pixels: copied when they are to be painted
+        x = np.array(cropped, dtype=np.float32) if touches else np.ascontiguousarray(cropped, dtype=np.float32)
+    if touches:
+        _paint_border_padding(bright, x, cfg.margin_fill)
+    resized = Image.fromarray(x).resize((cfg.size, cfg.size), _RESAMPLE[cfg.resample])
     x = (np.asarray(resized, dtype=np.float32) - cfg.mean) / cfg.std
     return x, box
 

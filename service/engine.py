@@ -19,7 +19,6 @@ import functools
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from service.heatmaps import HeatmapFormat, encode_all, heatmap_size, to_u8
 from service.imaging import Decoder, Limits
 from service.metrics import Metrics
 from service.preview import encode_preview
+from service.request_ids import new_request_id
 from service.schemas import HeatmapBox, ModelRef, ModelSummary, ScoreInfo, ScoreResult, TimingMs
 from service.settings import Settings
 
@@ -297,7 +297,7 @@ class Engine:
             maps = await self.run_image(encode_all, out.maps, heatmap_format,
                                         nbytes=sum(m.nbytes for m in out.maps.values()))
         return ScoreResult(
-            request_id=request_id or uuid.uuid4().hex,
+            request_id=request_id or new_request_id(),
             model=ModelRef(name=self.manifest.name, version=self.manifest.version),
             score=score, scores=scores, threshold=self.calibration.threshold, is_anomalous=bool(over),
             percentile=self.calibration.percentile_of(score), heatmaps=maps,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -13,6 +12,7 @@ from service.budget import Budget
 from service.errors import Busy, PayloadTooLarge, problem_response
 from service.logs import audit
 from service.metrics import Metrics
+from service.request_ids import new_request_id
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # Probes are polled every few seconds; auditing them would bury the requests that matter.
@@ -31,7 +31,7 @@ class RequestContext:
             await self.app(scope, receive, send)
             return
         offered = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = offered if _CLIENT_ID.match(offered) else uuid.uuid4().hex
+        request_id = offered if _CLIENT_ID.match(offered) else new_request_id()
         scope["oct.request_id"] = request_id
         started = time.perf_counter()
         status = 500
