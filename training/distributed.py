@@ -30,11 +30,14 @@ def init_from_env(device: torch.device) -> torch.device:
 
 @contextmanager
 def session(device: torch.device) -> Iterator[torch.device]:
-    """`init_from_env` for the duration of a run; the process group is torn down however the run ends."""
+    """`init_from_env` for the duration of a run; the process group is torn down however the run ends (after every
+    rank got there, when it ends normally)."""
+    finished = False
     try:
         yield init_from_env(device)
+        finished = True
     finally:
-        shutdown()
+        shutdown(wait_for_all=finished)
 
 
 def active() -> bool:
@@ -93,6 +96,11 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
+def shutdown(wait_for_all: bool = False) -> None:
     if dist.is_available() and dist.is_initialized():
+        if wait_for_all and active():
+            # Ranks finish at different times (rank 0 alone writes the run's last files); tearing the group down
+            # while a peer still uses it can abort gloo's threads ("terminate called without an active exception").
+            # Not after an error: a rank that failed must not wait for peers that may never arrive.
+            dist.barrier()
         dist.destroy_process_group()
