@@ -97,8 +97,10 @@ def test_pip_installs_the_projects_own_dependency_list(df, pyproject) -> None:
                 for extra in t[2:-1].split(","):
                     assert extra in extras, f"{stage}: pip install {t}: pyproject has no extra {extra!r}"
             else:
-                # Only torch is installed by name (its exact release is the image's choice, see next test).
-                assert Requirement(t.replace("${TORCH_VERSION}", "0")).name == "torch", f"{stage}: pip install {t}"
+                # Only torch and torchvision are installed by name (exact releases are the image's choice, see next
+                # test); everything else comes from the project's own dependency list.
+                name = Requirement(t.replace("${TORCH_VERSION}", "0").replace("${TORCHVISION_VERSION}", "0")).name
+                assert name in ("torch", "torchvision"), f"{stage}: pip install {t}"
     # The project files pip needs are copied into the stage lineage before it installs.
     builder_copies = [src for c in copies(df) if c.stage == "builder" for src in c.sources]
     assert "pyproject.toml" in builder_copies
@@ -114,6 +116,12 @@ def test_pinned_torch_satisfies_the_project_requirement(df, pyproject) -> None:
     torch_req = next(Requirement(r) for r in pyproject["project"]["dependencies"] if Requirement(r).name == "torch")
     pinned = df.stage("builder").args["TORCH_VERSION"]
     assert torch_req.specifier.contains(Version(pinned)), f"TORCH_VERSION={pinned} vs pyproject {torch_req}"
+    serve = pyproject["project"]["optional-dependencies"]["serve"]
+    vision_req = next(Requirement(r) for r in serve if Requirement(r).name == "torchvision")
+    vision = df.stage("builder").args["TORCHVISION_VERSION"]
+    assert vision_req.specifier.contains(Version(vision)), f"TORCHVISION_VERSION={vision} vs pyproject {vision_req}"
+    # torchvision 0.N pairs with torch 2.(N-15): the pair the image pins must be one that exists.
+    assert Version(vision).minor == Version(pinned).minor + 15, f"torchvision {vision} is not for torch {pinned}"
 
 
 def test_serve_image_leaves_training_out(df) -> None:
