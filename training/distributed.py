@@ -8,6 +8,7 @@ torchrun sets WORLD_SIZE/RANK/LOCAL_RANK and the rendezvous address; `init_from_
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -99,8 +100,10 @@ def barrier() -> None:
 def shutdown(wait_for_all: bool = False) -> None:
     if dist.is_available() and dist.is_initialized():
         if wait_for_all and active():
-            # Ranks finish at different times (rank 0 alone writes the run's last files); tearing the group down
-            # while a peer still uses it can abort gloo's threads ("terminate called without an active exception").
-            # Not after an error: a rank that failed must not wait for peers that may never arrive.
+            # DDP wrappers sit in reference cycles: collected at interpreter exit, after the group is gone, their
+            # reducers' pending gloo work aborted a rank now and then ("terminate called without an active
+            # exception"). Collect them while the group is alive, then let every rank leave together (rank 0 alone
+            # writes the run's last files). Not after an error: a failed rank must not wait for peers.
+            gc.collect()
             dist.barrier()
         dist.destroy_process_group()
