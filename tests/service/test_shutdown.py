@@ -27,8 +27,9 @@ async def fire(url: str, data: bytes, n: int, after_s: float = 0.0,
 
 
 def test_overload_gives_503_at_once_and_the_service_recovers(start_service, scan_bytes: bytes) -> None:
-    # Batches wait 1.5 s to fill, and only 3 requests may wait: a burst of 12 overflows the queue.
-    svc = start_service(OCT_MAX_QUEUE="3", OCT_MAX_BATCH_SIZE="64", OCT_MAX_BATCH_DELAY_MS="1500",
+    # Batches wait 1.5 s to fill (12 < the batch size of 16), and only 3 requests may wait: a burst of 12 overflows
+    # the queue. Batch sizes stay small: the service warms every one before it is ready.
+    svc = start_service(OCT_MAX_QUEUE="3", OCT_MAX_BATCH_SIZE="16", OCT_MAX_BATCH_DELAY_MS="1500",
                         OCT_RETRY_AFTER_S="2")
     results = asyncio.run(fire(svc.url, scan_bytes, 12))
     codes = sorted(r.status_code for r in results if isinstance(r, httpx.Response))
@@ -44,8 +45,8 @@ def test_overload_gives_503_at_once_and_the_service_recovers(start_service, scan
 
 
 def test_sigterm_under_load_answers_every_accepted_request(start_service, scan_bytes: bytes) -> None:
-    # A 1 s batch window keeps the accepted requests queued when SIGTERM arrives.
-    svc = start_service(OCT_MAX_BATCH_SIZE="64", OCT_MAX_BATCH_DELAY_MS="1000")
+    # A 1 s batch window keeps the accepted requests queued when SIGTERM arrives (16 < the batch size of 24).
+    svc = start_service(OCT_MAX_BATCH_SIZE="24", OCT_MAX_BATCH_DELAY_MS="1000")
     sent_at: list[float] = []
 
     def terminate() -> None:

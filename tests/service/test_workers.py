@@ -36,7 +36,8 @@ def test_two_workers_share_the_port_and_the_metrics(start_service, scan_bytes: b
 
 
 def test_overload_gives_503_with_several_workers(start_service, scan_bytes: bytes) -> None:
-    svc = start_service(OCT_WORKERS="2", OCT_MAX_QUEUE="2", OCT_MAX_BATCH_SIZE="64", OCT_MAX_BATCH_DELAY_MS="1500")
+    # 16 < the batch size of 24: batches wait 1.5 s, and 2 waiting per worker overflow.
+    svc = start_service(OCT_WORKERS="2", OCT_MAX_QUEUE="2", OCT_MAX_BATCH_SIZE="24", OCT_MAX_BATCH_DELAY_MS="1500")
     codes = asyncio.run(burst(svc.url, scan_bytes, 16))
     assert set(codes) <= {200, 503} and codes.count(503) >= 1 and codes.count(200) >= 2, codes
     r = httpx.post(f"{svc.url}/score", params={"heatmaps": "false"}, files={"file": ("a.jpeg", scan_bytes)},
