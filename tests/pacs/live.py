@@ -66,3 +66,10 @@ class Service:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def local_service(tiny_model, tmp: Path) -> Service:
+    """A service on loopback serving the tests' tiny model, results in `tmp/results`, no PACS to deliver to."""
+    return Service({"OCT_MODEL_STORE": str(tiny_model.store), "OCT_MODEL_NAME": tiny_model.name, "OCT_DEVICE": "cpu",
+                    "OCT_HOST": "127.0.0.1", "OCT_TORCH_THREADS": "1", "OCT_MAX_BATCH_SIZE": "4",
+                    "OCT_RESULTS_DIR": str(tmp / "results"), "OCT_PACS_STOW_URL": ""}, tmp / "service.log")

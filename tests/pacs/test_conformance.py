@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from live import Service
+from live import Service, local_service
 from oct_dicom import conformant_oct, phantom_frames, to_bytes
 
 from service.dicom.multipart import build_related
@@ -38,9 +38,7 @@ def dciodvfy_errors(path: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def service(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     tmp = tmp_path_factory.mktemp("conformance")
-    svc = Service({"OCT_MODEL_STORE": str(tiny_model.store), "OCT_MODEL_NAME": tiny_model.name, "OCT_DEVICE": "cpu",
-                   "OCT_HOST": "127.0.0.1", "OCT_TORCH_THREADS": "1", "OCT_MAX_BATCH_SIZE": "4",
-                   "OCT_RESULTS_DIR": str(tmp / "results"), "OCT_PACS_STOW_URL": ""}, tmp / "service.log")
+    svc = local_service(tiny_model, tmp)
     svc.start()
     yield svc
     svc.stop()

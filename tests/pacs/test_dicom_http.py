@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
-from live import Service
+from live import Service, local_service
 from oct_dicom import PHI, compress, oct_dataset, phantom_frames, to_bytes
 from PIL import Image
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless
@@ -26,9 +26,7 @@ FRAMES = phantom_frames(3, 96, 128, seed=1)
 @pytest.fixture(scope="module")
 def service(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     tmp = tmp_path_factory.mktemp("dicom-http")
-    svc = Service({"OCT_MODEL_STORE": str(tiny_model.store), "OCT_MODEL_NAME": tiny_model.name, "OCT_DEVICE": "cpu",
-                   "OCT_HOST": "127.0.0.1", "OCT_TORCH_THREADS": "1", "OCT_MAX_BATCH_SIZE": "4",
-                   "OCT_RESULTS_DIR": str(tmp / "results"), "OCT_PACS_STOW_URL": ""}, tmp / "service.log")
+    svc = local_service(tiny_model, tmp)
     svc.results = tmp / "results"  # type: ignore[attr-defined]
     svc.start()
     yield svc

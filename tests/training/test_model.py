@@ -1,10 +1,10 @@
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
+from script_roundtrip import script_roundtrip
 
 from training.model import VQVAE, VQVAEConfig
 from training.scorer import Scorer, top_fraction_mean
@@ -66,11 +66,7 @@ def test_scripted_scorer_matches_eager_after_save_load() -> None:
     model = VQVAE(CFG)
     model.train()(torch.randn(4, 1, 32, 32))  # initialise the codebook from data
     scorer = Scorer(model.eval()).eval()
-    scripted = torch.jit.script(scorer)
-    buf = io.BytesIO()
-    torch.jit.save(scripted, buf)
-    buf.seek(0)
-    loaded = torch.jit.load(buf)
+    loaded = script_roundtrip(scorer)
     x = torch.randn(3, 1, 32, 32)
     eager, got = scorer(x), loaded(x)
     for k in ("reconstruction", "residual_map", "alm_map", "residual", "alm"):

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import io
-
 import torch
+from script_roundtrip import script_roundtrip
 
 from training.model import VQVAE, VQVAEConfig
 from training.scorer import Scorer, coreset, gaussian_blur
@@ -66,11 +65,7 @@ def test_scripted_scorer_with_a_bank_matches_eager_after_save_load() -> None:
     scorer = _scorer()
     with torch.no_grad():
         scorer.fit_memory_bank(scorer.features(torch.randn(3, 1, 32, 32)), size=50)
-    scripted = torch.jit.script(scorer)
-    buf = io.BytesIO()
-    torch.jit.save(scripted, buf)
-    buf.seek(0)
-    loaded = torch.jit.load(buf)
+    loaded = script_roundtrip(scorer)
     x = torch.randn(2, 1, 32, 32)
     eager, got = scorer(x), loaded(x)
     assert loaded.memory_bank.shape == (50, CFG.n_hiddens)
