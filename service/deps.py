@@ -8,7 +8,8 @@ from __future__ import annotations
 import secrets
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from service.engine import Engine
 from service.errors import NotReady, Unauthorized
@@ -37,17 +38,21 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 
 
+# The two ways to send a key, as OpenAPI security schemes (Swagger UI's "Authorize" fills them in). Both optional
+# here: `require_api_key` decides, because with no OCT_API_KEYS on loopback no key is needed at all.
+_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`, a key from OCT_API_KEYS")
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-Key: <key>`, instead")
+
+
 async def require_api_key(
-    settings: SettingsDep,
-    authorization: Annotated[str | None, Header(description="`Bearer <key>` when OCT_API_KEYS is set")] = None,
-    x_api_key: Annotated[str | None, Header(description="`<key>`, instead of Authorization")] = None,
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    x_api_key: Annotated[str | None, Depends(_api_key_header)],
 ) -> None:
+    settings: Settings = request.app.state.settings  # not a sub-dependency: this runs on every request
     if not settings.api_keys:
         return
-    offered = x_api_key
-    if offered is None and authorization:
-        scheme, _, token = authorization.partition(" ")
-        offered = token.strip() if scheme.lower() == "bearer" else None
+    offered = x_api_key if x_api_key is not None else bearer.credentials if bearer is not None else None
     if offered is None:
         raise Unauthorized("send `Authorization: Bearer <key>` or `X-API-Key: <key>`",
                            headers={"WWW-Authenticate": "Bearer"})

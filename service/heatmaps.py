@@ -14,13 +14,13 @@ from __future__ import annotations
 import base64
 import io
 import struct
-import zlib
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from zlib_ng import zlib_ng  # zlib's API and output format; its Huffman-only path is ~1.7x faster than zlib's
 
 HeatmapFormat = Literal["png", "webp", "jpeg"]
 MEDIA_TYPES: dict[str, str] = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
@@ -56,17 +56,18 @@ def to_u8(maps: torch.Tensor, map_scale: float | torch.Tensor, box: tuple[int, i
 
 def _png(u8: np.ndarray) -> bytes:
     """8-bit gray PNG, written for speed: the Sub filter (smooth maps become small differences) and Huffman-only
-    deflate — a third of zlib level 1's time, at a similar size on heatmaps; PIL's adaptive filtering costs ~5×."""
+    deflate (zlib-ng) — a fifth to a half of zlib level 1's time, at a similar size on heatmaps; PIL's adaptive
+    filtering costs ~5× more."""
     h, w = u8.shape
     rows = np.empty((h, w + 1), np.uint8)
     rows[:, 0] = 1  # filter type Sub on every row
     rows[:, 1] = u8[:, 0]
     np.subtract(u8[:, 1:], u8[:, :-1], out=rows[:, 2:])
-    z = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY)
+    z = zlib_ng.compressobj(1, zlib_ng.DEFLATED, 15, 9, zlib_ng.Z_HUFFMAN_ONLY)
     idat = z.compress(rows.tobytes()) + z.flush()
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib_ng.crc32(kind + data))
 
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
             + chunk(b"IDAT", idat) + chunk(b"IEND", b""))

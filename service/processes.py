@@ -34,6 +34,7 @@ import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.settings import Settings
+from service.transport import CoalescingHttpToolsProtocol
 
 log = logging.getLogger("oct.processes")
 
@@ -186,6 +187,7 @@ def serve_one(settings: Settings, engine: Any, sock: socket.socket, state: Servi
     app = create_app(settings, engine=engine, serving=state)
     # log_config=None keeps our handlers; the audit line replaces uvicorn's access log.
     config = uvicorn.Config(CloseWhenDraining(app, state), log_config=None, access_log=False,
+                            http=CoalescingHttpToolsProtocol,
                             log_level=settings.log_level.lower(), timeout_graceful_shutdown=settings.drain_timeout_s)
     # uvicorn re-raises the stop signal to the handler that was there before it started; this one turns that into
     # exit status 0, so a graceful stop does not look like a crash to a supervisor.

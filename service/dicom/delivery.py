@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import httpx
 
-from service.dicom.multipart import build_related
 from service.dicom.outbox import Due, Outbox
 from service.dicom.schemas import Delivery
+from service.multipart import build_related
 
 log = logging.getLogger("oct.pacs")
 

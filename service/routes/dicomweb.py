@@ -23,7 +23,6 @@ from service.dicom.decode import identify
 from service.dicom.delivery import DeliveryWorker, Outbox, PacsTarget
 from service.dicom.errors import DicomProblem, ResultNotFound
 from service.dicom.ingest import ingest
-from service.dicom.multipart import MultipartError, content_type_params, parse_related
 from service.dicom.results import is_uid
 from service.dicom.schemas import ResultRecord, ResultSummary
 from service.dicom.stow import DICOM_JSON, StowOutcome
@@ -38,6 +37,7 @@ from service.errors import (
     UnsupportedMediaType,
     problem_responses,
 )
+from service.multipart import MultipartError, content_type_params, split_parts
 from service.upload import read_body
 
 log = logging.getLogger("oct.dicomweb")
@@ -130,7 +130,7 @@ async def _stow(request: Request, engine: EngineDep, outbox: Outbox, study: str 
         raise NotReady(engine.not_ready_reason, headers={"Retry-After": str(engine.settings.retry_after_s)})
     body = await read_body(request, engine.settings)
     try:
-        parts = parse_related(body, params.get("boundary", ""))
+        parts = split_parts(body, params.get("boundary", ""))
     except MultipartError as e:
         raise BadRequest(f"malformed multipart/related body: {e}") from e
     if not parts:

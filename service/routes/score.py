@@ -8,7 +8,6 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
-from starlette.datastructures import UploadFile
 
 from service.deps import EngineDep, require_api_key
 from service.dicom.decode import is_dicom
@@ -31,6 +30,7 @@ from service.errors import (
 )
 from service.heatmaps import HeatmapFormat
 from service.imaging import DECODERS, Decoder, Limits, decoder_for_upload
+from service.multipart import MultipartError, content_type_params, form_file
 from service.schemas import ScoreResult
 from service.settings import Settings
 from service.upload import read_body
@@ -47,13 +47,15 @@ _REQUEST_BODY = {"requestBody": {"required": True, "content": {
 
 async def read_upload(request: Request, settings: Settings) -> tuple[bytes, Decoder]:
     """The upload's bytes and the decoder for them; the body size limit is enforced while it streams in."""
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";")[0].strip().lower()
     if media == "multipart/form-data":
-        async with request.form(max_files=1, max_fields=16, max_part_size=settings.max_upload_bytes) as form:
-            file = form.get("file")
-            if not isinstance(file, UploadFile):
-                raise BadRequest("multipart body needs a file part named 'file'")
-            data = await file.read()
+        boundary = content_type_params(content_type)[1].get("boundary", "")
+        body = await read_body(request, settings)
+        try:
+            data = bytes(form_file(body, boundary))
+        except MultipartError as e:
+            raise BadRequest(f"multipart body: {e}; send the scan as a part named 'file'") from e
         if not data:
             raise BadRequest("the 'file' part is empty")
         return data, decoder_for_upload(data)

@@ -14,7 +14,7 @@ import pytest
 from live import Service, local_service
 from oct_dicom import conformant_oct, phantom_frames, to_bytes
 
-from service.dicom.multipart import build_related
+from service.multipart import build_related
 
 DCIODVFY = shutil.which("dciodvfy")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(

@@ -18,9 +18,9 @@ import pytest
 from oct_dicom import oct_dataset, phantom_frames
 
 from service.dicom.delivery import DeliveryWorker, PacsTarget
-from service.dicom.multipart import content_type_params, parse_related
 from service.dicom.outbox import Outbox, dicom_bytes
 from service.dicom.schemas import Delivery, ResultInstance, ResultRecord, VolumeScoreResult
+from service.multipart import content_type_params, split_parts
 from service.schemas import ModelRef, TimingMs
 
 
@@ -44,7 +44,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         _, params = content_type_params(self.headers["Content-Type"])
-        datasets = [pydicom.dcmread(io.BytesIO(p.body)) for p in parse_related(body, params["boundary"])]
+        datasets = [pydicom.dcmread(io.BytesIO(p.body)) for p in split_parts(body, params["boundary"])]
         self.server.requests.append((dict(self.headers), datasets))
         status = self.server.fail_status if len(self.server.requests) <= self.server.fail_first else 200
         if status == 200:

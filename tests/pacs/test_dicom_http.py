@@ -17,7 +17,7 @@ from oct_dicom import PHI, compress, oct_dataset, phantom_frames, to_bytes
 from PIL import Image
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless
 
-from service.dicom.multipart import build_related
+from service.multipart import build_related
 
 pytestmark = pytest.mark.slow
 FRAMES = phantom_frames(3, 96, 128, seed=1)

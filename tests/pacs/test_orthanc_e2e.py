@@ -26,8 +26,8 @@ from live import Service, free_port, wait_for
 from oct_dicom import PHI, oct_dataset, to_bytes
 from PIL import Image
 
-from service.dicom.multipart import build_related
 from service.dicom.sr import ANOMALY_SCORE
+from service.multipart import build_related
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "orthanc.sh"

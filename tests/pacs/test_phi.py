@@ -13,8 +13,8 @@ import pytest
 from live import Service
 from oct_dicom import oct_dataset, phantom_frames, to_bytes
 
-from service.dicom.multipart import build_related
 from service.dicom.phi import REDACTED, remember, scrub, text_values
+from service.multipart import build_related
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,7 @@ from schemathesis.specs.openapi.checks import (
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pacs"))
 from oct_dicom import oct_dataset, phantom_frames, to_bytes
 
-from service.dicom.multipart import build_related
+from service.multipart import build_related
 
 pytestmark = pytest.mark.slow
 BOUNDARY = "oct-schemathesis"

@@ -1,7 +1,10 @@
-"""`multipart/related` (RFC 2387 over RFC 2046 framing), the body of STOW-RS requests, both ways.
+"""Multipart bodies (RFC 2046 framing): `multipart/related` (RFC 2387, STOW-RS) both ways, and the one file of a
+`multipart/form-data` upload (RFC 7578, `POST /score`).
 
-Parsing is done here rather than by a form parser because STOW parts are whole DICOM files with their own
-`Content-Type` and no `Content-Disposition`; form-data parsers expect the opposite. The framing rules honoured:
+One framing parser serves both. STOW parts are whole DICOM files with their own `Content-Type` and no
+`Content-Disposition`, which form-data parsers do not expect; and a scoring upload is one file whose bytes are wanted
+whole, so a streaming form parser's per-chunk callbacks and spooled part files were a tenth of the service's CPU per
+request (docs/service.md). The body arrives size-limited (service.middleware.BodyLimit). The framing rules honoured:
 the boundary comes from the Content-Type (quoted or not), delimiters are `CRLF--boundary` (the first may open the
 body), transport padding after a delimiter is ignored, a preamble before the first and an epilogue after the
 closing `--boundary--` are discarded, and each part's headers end at the first empty line.
@@ -9,6 +12,7 @@ closing `--boundary--` are discarded, and each part's headers end at the first e
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass
 from email.message import Message
@@ -36,7 +40,7 @@ def content_type_params(content_type: str) -> tuple[str, dict[str, str]]:
     return msg.get_content_type(), params
 
 
-def parse_related(body: bytes, boundary: str) -> list[Part]:
+def split_parts(body: bytes, boundary: str) -> list[Part]:
     # RFC 2046 caps boundaries at 70 characters, but real clients exceed it (Orthanc sends 73): accept up to 200.
     if not boundary or len(boundary) > 200:
         raise MultipartError("the Content-Type needs a boundary parameter of 1 to 200 characters")
@@ -76,6 +80,36 @@ def _part(body: bytes, start: int, end: int, number: int) -> Part:
             raise MultipartError(f"part {number} has a malformed header line")
         headers[name.strip().lower()] = value.strip()
     return Part(headers, memoryview(body)[head_end + 4:end])
+
+
+# The `name` parameter of a form-data part's Content-Disposition, quoted or not (not `filename=`).
+_FORM_NAME = re.compile(r'(?:^|;)\s*name\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]+))', re.IGNORECASE)
+
+
+def form_name(part: Part) -> str | None:
+    """The field name of a multipart/form-data part; None when it has no `Content-Disposition: form-data`."""
+    disposition = part.headers.get("content-disposition", "")
+    kind, _, params = disposition.partition(";")
+    if kind.strip().lower() != "form-data":
+        return None
+    m = _FORM_NAME.search(";" + params)
+    if m is None:
+        return None
+    return m.group(1).replace('\\"', '"') if m.group(1) is not None else m.group(2)
+
+
+def form_file(body: bytes, boundary: str, field: str = "file", max_parts: int = 16) -> memoryview | bytes:
+    """The content of the one part named `field` of a multipart/form-data body. Other parts are ignored (up to
+    `max_parts` in all); none or several named `field` is an error."""
+    parts = split_parts(body, boundary)
+    if len(parts) > max_parts:
+        raise MultipartError(f"{len(parts)} parts; at most {max_parts}")
+    found = [p for p in parts if form_name(p) == field]
+    if not found:
+        raise MultipartError(f"no part named {field!r} (Content-Disposition: form-data; name=\"{field}\")")
+    if len(found) > 1:
+        raise MultipartError(f"{len(found)} parts named {field!r}; send one B-scan per request")
+    return found[0].body
 
 
 def build_related(bodies: list[bytes], media_type: str = "application/dicom") -> tuple[bytes, str]:
