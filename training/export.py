@@ -225,14 +225,14 @@ def choose_primary(evaluation: dict[str, dict], specs: dict[str, ScoreSpec], req
     aurocs = {k: v["auroc"] for k, v in evaluation.items() if k in specs and np.isfinite(v["auroc"])}
     if not aurocs:
         # No abnormal training scans to choose on (a normal-only data set): pool the evidence when there is a prior.
-        # `combined` beat `residual` on the demo phantom (0.901 vs 0.869) and on the real-scan folds of
-        # bench/bench_real.py (0.730 vs 0.626), where exactly this case arises.
+        # `combined` beat `residual` on the demo phantom (0.956 vs 0.882) and on the real-scan folds of
+        # bench/bench_real.py (0.741 vs 0.614), where exactly this case arises (docs/quality.md).
         return "combined" if "combined" in specs else "residual"
     best = max(aurocs, key=aurocs.get)
     # The held-out set is small (the real set ships a few abnormal training scans per class; the demo 30), so the
     # ranking of close scores is noise. Within one standard error of the best, prefer `combined`: it pools every
-    # map's evidence. On the demo phantom the held-out best (residual 0.932 vs combined 0.911, SE 0.025) was the
-    # weaker on the test split (0.869 vs 0.901).
+    # map's evidence. On the demo phantom the held-out best (residual_contrast 0.976 vs combined 0.971, SE 0.013)
+    # was the weaker on the test split (0.948 vs 0.956).
     if "combined" in aurocs and best != "combined":
         n_normal, n_abnormal = evaluation[best]["n_normal"], evaluation[best]["n_abnormal"]
         if aurocs[best] - aurocs["combined"] <= auroc_standard_error(aurocs[best], n_normal, n_abnormal):

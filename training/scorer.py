@@ -26,7 +26,8 @@ SCORE_DESCRIPTIONS = {
     "fused": "mean of the top {top:.1%} pixels of fused_map: the mean of {fused_of}, each divided by its 99.5th "
              "percentile on normal training scans, inside a frame of S/16 pixels (0 outside)",
 }
-SCORE_MAPS = {"residual": "residual_map", "residual_contrast": "residual_map", "alm": "alm_map", "alm_raw": None,
+# residual_contrast reads residual_map, but a map entry would make the service render that heatmap twice.
+SCORE_MAPS = {"residual": "residual_map", "residual_contrast": None, "alm": "alm_map", "alm_raw": None,
               "fused": "fused_map"}
 BANK_CHUNK_ROWS = 4096  # latent positions per distance matmul (4 images at 128 px): 64 MB with a 4,096-vector bank
 # The ALM map is 1/16 the pixels of the image: 1 % of a 32x32 grid is 10 positions, too few to be stable.
