@@ -231,7 +231,7 @@ def choose_primary(evaluation: dict[str, dict], specs: dict[str, ScoreSpec], req
     best = max(aurocs, key=aurocs.get)
     # The held-out set is small (the real set ships a few abnormal training scans per class; the demo 30), so the
     # ranking of close scores is noise. Within one standard error of the best, prefer `combined`: it pools every
-    # map's evidence. On the demo phantom the held-out best (residual_contrast 0.976 vs combined 0.971, SE 0.013)
+    # map's evidence. On the demo phantom the held-out best (residual_contrast 0.976 vs combined 0.971, SE 0.020)
     # was the weaker on the test split (0.948 vs 0.956).
     if "combined" in aurocs and best != "combined":
         n_normal, n_abnormal = evaluation[best]["n_normal"], evaluation[best]["n_abnormal"]
