@@ -44,7 +44,9 @@ from training.prior import GatedPixelCNN, find_prior_checkpoint, load_prior_chec
 from training.scorer import (
     ALM_TOP_FRACTION,
     COMBINED_OF,
+    FUSED_OF,
     MAPS,
+    PRIOR_FUSED_OF,
     PRIOR_MAPS,
     PRIOR_SCORE_DESCRIPTIONS,
     PRIOR_SCORE_MAPS,
@@ -62,6 +64,8 @@ from training.scorer import (
 # px), of which MEMORY_BANK_SIZE are kept — enough to cover normal anatomy, small enough for one matmul per image.
 MEMORY_BANK_IMAGES = 128
 MEMORY_BANK_SIZE = 4096
+# fused_map's normal scales: 64 scans × (S - S/8)² pixels estimate a 99.5th percentile well.
+FUSED_SCALE_IMAGES = 64
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,9 +119,9 @@ def build_scorer(ckpt: dict, top_fraction: float, use_prior: bool = True, restor
     prior when it has one (and `use_prior`); its `combined` score needs `fit_combined` before it means anything."""
     model = VQVAE.from_checkpoint(ckpt)
     scorer = Scorer(model, top_fraction).eval()
-    specs = {k: ScoreSpec(description=SCORE_DESCRIPTIONS[k].format(top=top_fraction, alm_top=ALM_TOP_FRACTION,
-                                                                  bank=MEMORY_BANK_SIZE), map=SCORE_MAPS[k])
-             for k in SCORE_MAPS}
+    specs = {k: ScoreSpec(description=SCORE_DESCRIPTIONS[k].format(
+        top=top_fraction, alm_top=ALM_TOP_FRACTION, bank=MEMORY_BANK_SIZE, fused_of=", ".join(FUSED_OF)),
+        map=SCORE_MAPS[k]) for k in SCORE_MAPS}
     prior_path = find_prior_checkpoint(Path(ckpt["path"])) if use_prior and "path" in ckpt else None
     if prior_path is None:
         return scorer, specs, list(MAPS)
@@ -131,6 +135,8 @@ def build_scorer(ckpt: dict, top_fraction: float, use_prior: bool = True, restor
     of = ", ".join(COMBINED_OF)
     specs |= {k: ScoreSpec(description=d.format(nll_top=nll_top_fraction, of=of), map=PRIOR_SCORE_MAPS.get(k))
               for k, d in PRIOR_SCORE_DESCRIPTIONS.items()}
+    specs["fused"] = ScoreSpec(description=SCORE_DESCRIPTIONS["fused"].format(
+        top=top_fraction, fused_of=", ".join(PRIOR_FUSED_OF)), map="fused_map")
     maps = [*MAPS, *PRIOR_MAPS]
     if restore_samples > 0:
         specs |= {k: ScoreSpec(description=d.format(top=top_fraction, n=restore_samples, thr=threshold,
@@ -154,22 +160,28 @@ def prior_summary(scorer: Scorer | PriorScorer, ckpt: dict) -> dict | None:
             "combined_of": list(COMBINED_OF)}
 
 
-def fit_memory_bank(scorer: Scorer | PriorScorer, ckpt: dict, oct_root: Path, prep: Preprocessing,
-                    device: str | torch.device, batch_size: int = 32) -> None:
-    """Fill the ALM's memory bank with encoder features of the run's own normal *training* scans (a seeded subset
-    of MEMORY_BANK_IMAGES; never validation or test images). Must run before the scorer is scripted: the bank's
-    size is part of the scripted module."""
+def fit_normal_statistics(scorer: Scorer | PriorScorer, ckpt: dict, oct_root: Path, prep: Preprocessing,
+                          device: str | torch.device, batch_size: int = 32) -> None:
+    """What the scorer learns from the run's own normal *training* scans (never validation or test images): the
+    ALM's memory bank from a seeded subset of MEMORY_BANK_IMAGES, then fused_map's scales from the next
+    FUSED_SCALE_IMAGES of the same draw (scans outside the bank, whose ALM is not biased low). Must run before the
+    scorer is scripted: the bank's size is part of the scripted module."""
     base = scorer.base if isinstance(scorer, PriorScorer) else scorer
     files = [oct_root / f for f in ckpt["train_files"]]
-    files = [files[i] for i in np.random.default_rng(0).permutation(len(files))[:MEMORY_BANK_IMAGES]]
-    missing = [f for f in files if not f.is_file()]
+    files = [files[i] for i in np.random.default_rng(0).permutation(len(files))]
+    bank_files = files[:MEMORY_BANK_IMAGES]
+    scale_files = files[MEMORY_BANK_IMAGES:MEMORY_BANK_IMAGES + FUSED_SCALE_IMAGES] or bank_files[:FUSED_SCALE_IMAGES]
+    missing = [f for f in bank_files + scale_files if not f.is_file()]
     if missing:
         raise SystemExit(f"error: {len(missing)} training images are missing under {oct_root}, e.g. {missing[0]} "
-                         "(the ALM's memory bank is fitted on them; pass --data_root)")
-    loader = DataLoader(OCTImages(files, prep), batch_size=batch_size)
+                         "(the scorer's normal statistics are fitted on them; pass --data_root)")
     with torch.no_grad():
-        feats = torch.cat([base.features(x.to(device)).cpu() for x in loader])
-    base.fit_memory_bank(feats, MEMORY_BANK_SIZE)
+        feats = torch.cat([base.features(x.to(device)).cpu()
+                           for x in DataLoader(OCTImages(bank_files, prep), batch_size=batch_size)])
+        base.fit_memory_bank(feats, MEMORY_BANK_SIZE)
+        outs = [scorer(x.to(device)) for x in DataLoader(OCTImages(scale_files, prep), batch_size=batch_size)]
+        for s in {base, scorer}:  # with a prior its fused_map (nll_map added) replaces the base's
+            s.fit_fused_scale([torch.cat([o[k].cpu() for o in outs]) for k in s.fused_of])
 
 
 def fit_combined(scorers: list[torch.nn.Module], normal: ScoredSet) -> None:
@@ -213,14 +225,14 @@ def choose_primary(evaluation: dict[str, dict], specs: dict[str, ScoreSpec], req
     aurocs = {k: v["auroc"] for k, v in evaluation.items() if k in specs and np.isfinite(v["auroc"])}
     if not aurocs:
         # No abnormal training scans to choose on (a normal-only data set): pool the evidence when there is a prior.
-        # `combined` beat `residual` on the demo phantom (0.901 vs 0.869) and on the real-scan folds of
-        # bench/bench_real.py (0.730 vs 0.626), where exactly this case arises.
+        # `combined` beat `residual` on the demo phantom (0.956 vs 0.882) and on the real-scan folds of
+        # bench/bench_real.py (0.741 vs 0.614), where exactly this case arises (docs/quality.md).
         return "combined" if "combined" in specs else "residual"
     best = max(aurocs, key=aurocs.get)
     # The held-out set is small (the real set ships a few abnormal training scans per class; the demo 30), so the
     # ranking of close scores is noise. Within one standard error of the best, prefer `combined`: it pools every
-    # map's evidence. On the demo phantom the held-out best (residual 0.932 vs combined 0.911, SE 0.025) was the
-    # weaker on the test split (0.869 vs 0.901).
+    # map's evidence. On the demo phantom the held-out best (residual_contrast 0.976 vs combined 0.971, SE 0.020)
+    # was the weaker on the test split (0.948 vs 0.956).
     if "combined" in aurocs and best != "combined":
         n_normal, n_abnormal = evaluation[best]["n_normal"], evaluation[best]["n_abnormal"]
         if aurocs[best] - aurocs["combined"] <= auroc_standard_error(aurocs[best], n_normal, n_abnormal):
@@ -263,14 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     scorer, specs, maps = build_scorer(ckpt, args.top_fraction, not args.no_prior, args.restore_samples,
                                        args.restore_max_positions, args.nll_top_fraction)
     scorer = scorer.to(device)
-    fit_memory_bank(scorer, ckpt, oct_root, prep, device, args.batch_size)
+    fit_normal_statistics(scorer, ckpt, oct_root, prep, device, args.batch_size)
     with warnings.catch_warnings():  # TorchScript is deprecated upstream but is the artifact our users asked for
         warnings.simplefilter("ignore", FutureWarning)
         scripted = torch.jit.script(scorer)
 
     # Calibrate on the run's own normal validation images: never seen by the optimiser, never the test set.
     val_files = calibration_files(ckpt, oct_root)
-    score_names, map_names = list(specs), [s.map for s in specs.values() if s.map]
+    score_names, map_names = list(specs), list(dict.fromkeys(s.map for s in specs.values() if s.map))
     normal = score_files(scripted, val_files, prep, score_names, map_names, args.batch_size, device,
                          desc="calibrating")
     if "combined" in specs:

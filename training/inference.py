@@ -32,7 +32,7 @@ from training.export import (
     build_scorer,
     calibration_files,
     fit_combined,
-    fit_memory_bank,
+    fit_normal_statistics,
     resolve_checkpoint,
 )
 from training.phantom import mask_path
@@ -97,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     scorer, specs, _ = build_scorer(ckpt, args.top_fraction, not args.no_prior, args.restore_samples,
                                     args.restore_max_positions, args.nll_top_fraction)
     scorer = scorer.to(device)
-    fit_memory_bank(scorer, ckpt, oct_root, prep, device, args.batch_size)
+    fit_normal_statistics(scorer, ckpt, oct_root, prep, device, args.batch_size)
     score_names = list(specs)
-    map_names = [s.map for s in specs.values() if s.map]
+    map_names = list(dict.fromkeys(s.map for s in specs.values() if s.map))
     if "combined" in specs:  # its normal statistics come from the calibration images, as in export
         normal = score_files(scorer, calibration_files(ckpt, oct_root), prep, [k for k in score_names
                              if k != "combined"], [], args.batch_size, device, args.num_workers, desc="normal stats")
@@ -154,11 +154,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def format_table(table: dict[str, dict], score_names: list[str]) -> str:
-    head = f"{'comparison':<18}" + "".join(f"{k + ' AUROC':>15}{k + ' AUPRC':>15}" for k in score_names)
+    width = {k: max(15, len(k) + 8) for k in score_names}  # a long score name must not run into the next
+    head = f"{'comparison':<18}" + "".join(f"{k + ' AUROC':>{width[k]}}{k + ' AUPRC':>{width[k]}}" for k in score_names)
     lines = [head, "-" * len(head)]
     for comp, per_score in table.items():
-        lines.append(f"{comp:<18}" + "".join(f"{per_score[k]['auroc']:>15.3f}{per_score[k]['auprc']:>15.3f}"
-                                             for k in score_names))
+        lines.append(f"{comp:<18}" + "".join(f"{per_score[k][m]:>{width[k]}.3f}" for k in score_names
+                                             for m in ("auroc", "auprc")))
     return "\n".join(lines)
 
 

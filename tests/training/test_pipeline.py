@@ -18,7 +18,7 @@ from PIL import Image
 from octcore.manifest import load_scorer
 from octcore.preprocess import preprocess
 from training.checkpoint import load_checkpoint
-from training.export import build_scorer, fit_memory_bank
+from training.export import build_scorer, fit_normal_statistics
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,7 +57,7 @@ def test_scorer_loads_without_training_and_matches_eager(tiny_model) -> None:
     manifest, _ = load_scorer(tiny_model.version_dir)
     eager, _, _ = build_scorer(ckpt, top_fraction=0.01)
     cfg = manifest.preprocessing_config()
-    fit_memory_bank(eager, ckpt, tiny_model.data_root / "OCT2017", cfg, "cpu")  # seeded: the exported bank
+    fit_normal_statistics(eager, ckpt, tiny_model.data_root / "OCT2017", cfg, "cpu")  # seeded: the exported bank
     x = torch.stack([torch.from_numpy(preprocess(Image.open(f), cfg)) for f in files])[:, None]
     with torch.no_grad():
         expected = eager(x)

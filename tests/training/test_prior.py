@@ -23,7 +23,7 @@ from training.checkpoint import load_checkpoint
 from training.export import auroc_standard_error, build_scorer
 from training.model import VQVAE
 from training.prior import GatedPixelCNN, PriorConfig, find_prior_checkpoint, load_prior_checkpoint
-from training.scorer import PriorScorer, Scorer, top_fraction_mean
+from training.scorer import COMBINED_OF, PriorScorer, Scorer, top_fraction_mean
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "service"))
@@ -133,7 +133,10 @@ def test_train_prior_needs_latent_codes(tiny_model, tmp_path: Path) -> None:
 
 def test_export_includes_nll_and_its_calibration(tiny_prior_model, tiny_model) -> None:
     man = json.loads((tiny_prior_model.version_dir / "manifest.json").read_text())
-    assert {"residual", "alm", "alm_raw", "nll", "combined"} == set(man["scores"])
+    assert {"residual", "residual_contrast", "alm", "alm_raw", "fused", "nll", "combined"} == set(man["scores"])
+    assert "nll_map" in man["scores"]["fused"]["description"]  # with a prior, the fused map includes it
+    _, module = load_scorer(tiny_prior_model.version_dir)
+    assert module.fused_scale.shape == (3,) and bool((module.fused_scale != 1.0).all())  # fitted at export
     assert man["scores"]["nll"]["map"] == "nll_map" and "nats" in man["scores"]["nll"]["description"]
     assert man["scores"]["combined"]["map"] is None
     assert "nll_map" in man["maps"]
@@ -150,7 +153,8 @@ def test_export_includes_nll_and_its_calibration(tiny_prior_model, tiny_model) -
     assert man["training"]["prior"]["prior_config"]["n_layers"] == 4
     # A run without a prior exports exactly what it did before.
     plain = json.loads((tiny_model.version_dir / "manifest.json").read_text())
-    assert set(plain["scores"]) == {"residual", "alm", "alm_raw"} and "nll_map" not in plain["maps"]
+    assert set(plain["scores"]) == {"residual", "residual_contrast", "alm", "alm_raw", "fused"}
+    assert "nll_map" not in plain["maps"]
 
 
 def test_scorer_with_prior_loads_without_training_and_nll_matches_eager_prior(tiny_prior_model) -> None:
@@ -171,7 +175,7 @@ def test_scorer_with_prior_loads_without_training_and_nll_matches_eager_prior(ti
     np.testing.assert_allclose(nll_map[:, :, 1::4, 1::4].mean(), nll.mean().item(), rtol=0.05)
     # The combined score is what the manifest says: the mean z-score of its parts against normal statistics.
     cal = manifest.calibration
-    z = np.mean([(np.asarray(served[k]) - cal[k].mean) / cal[k].std for k in ("residual", "alm", "nll")], axis=0)
+    z = np.mean([(np.asarray(served[k]) - cal[k].mean) / cal[k].std for k in COMBINED_OF], axis=0)
     np.testing.assert_allclose(served["combined"], z, rtol=1e-3, atol=1e-3)
 
 
@@ -192,10 +196,10 @@ def test_restoration_redraws_unlikely_codes_and_scripts(tiny_prior_model, tmp_pa
     torch.jit.script(scorer).save(str(path))
     torch.manual_seed(0)
     scripted = torch.jit.load(str(path))(x)
-    for k in ("restoration", "restored_residual", "nll", "combined"):
+    for k in ("restoration", "restored_residual", "nll", "combined", "fused_map", "fused"):
         torch.testing.assert_close(scripted[k], out[k])
     plain, plain_specs, _ = build_scorer(ckpt, 0.01, use_prior=False)
-    assert type(plain) is Scorer and set(plain_specs) == {"residual", "alm", "alm_raw"}
+    assert type(plain) is Scorer and set(plain_specs) == {"residual", "residual_contrast", "alm", "alm_raw", "fused"}
 
 
 def test_inference_reports_nll_and_combined(tiny_prior_model, tmp_path: Path) -> None:
@@ -208,9 +212,10 @@ def test_inference_reports_nll_and_combined(tiny_prior_model, tmp_path: Path) ->
     assert {"nll", "combined"} <= set(results["NORMAL vs rest"])
     assert all(np.isfinite(results["NORMAL vs rest"][k]["auroc"]) for k in ("nll", "combined"))
     header = (out / "scores.csv").read_text().splitlines()[0]
-    assert header == "file,category,residual,alm,alm_raw,nll,combined"
+    assert header == "file,category,residual,residual_contrast,alm,alm_raw,fused,nll,combined"
     assert (out / "grid_DME.png").is_file()
-    assert set(json.loads((out / "metrics.json").read_text())["pixel"]) == {"residual_map", "alm_map", "nll_map"}
+    assert set(json.loads((out / "metrics.json").read_text())["pixel"]) == {"residual_map", "alm_map", "fused_map",
+                                                                                "nll_map"}
 
 
 def test_service_returns_nll_score_and_heatmap(tiny_prior_model, tmp_path: Path) -> None:

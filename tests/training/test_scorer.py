@@ -1,4 +1,5 @@
-"""The exported scorer's maps: the local-RMS residual, the memory-bank ALM and its coreset."""
+"""The exported scorer's maps: the local-RMS residual and its contrast score, the memory-bank ALM and its coreset,
+the fused map."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 from script_roundtrip import script_roundtrip
 
 from training.model import VQVAE, VQVAEConfig
-from training.scorer import Scorer, coreset, gaussian_blur
+from training.scorer import Scorer, coreset, frame_contrast, gaussian_blur
 
 CFG = VQVAEConfig(n_hiddens=16, n_residual_hiddens=8, n_residual_layers=1, embedding_dim=8, n_embeddings=16)
 
@@ -63,12 +64,44 @@ def test_residual_map_averages_speckle_but_keeps_a_blob() -> None:
 
 def test_scripted_scorer_with_a_bank_matches_eager_after_save_load() -> None:
     scorer = _scorer()
+    x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         scorer.fit_memory_bank(scorer.features(torch.randn(3, 1, 32, 32)), size=50)
+        out = scorer(torch.randn(3, 1, 32, 32))
+        scorer.fit_fused_scale([out["residual_map"], out["alm_map"]])
     loaded = script_roundtrip(scorer)
-    x = torch.randn(2, 1, 32, 32)
     eager, got = scorer(x), loaded(x)
     assert loaded.memory_bank.shape == (50, CFG.n_hiddens)
-    for k in ("residual_map", "alm_map", "residual", "alm", "alm_raw"):
+    torch.testing.assert_close(loaded.fused_scale, scorer.fused_scale)
+    for k in ("residual_map", "alm_map", "fused_map", "residual", "residual_contrast", "alm", "alm_raw", "fused"):
         torch.testing.assert_close(got[k], eager[k])
     assert float(eager["alm"].min()) > 0.0
+
+
+def test_frame_contrast_ignores_the_frame_and_the_scans_own_level() -> None:
+    """The decoder's padding error along the edges and a scan-wide error level (speckle, a soft layer band) do not
+    count; a local excess inside the frame does."""
+    flat = torch.full((1, 1, 64, 64), 0.2)
+    edges = flat.clone()
+    edges[..., :4, :] = edges[..., -4:, :] = edges[..., :, :4] = edges[..., :, -4:] = 5.0
+    blob = flat.clone()
+    blob[..., 30:36, 30:36] = 1.0  # 36 px: more than the top 1 % of the 56² inside pixels, fewer than 5 %
+    c = [float(frame_contrast(m, 4, 0.01, 0.05)) for m in (flat, edges, blob, blob + 0.3)]
+    assert abs(c[0]) < 1e-6 and abs(c[1]) < 1e-6
+    assert abs(c[2] - 0.8) < 1e-6 and abs(c[3] - c[2]) < 1e-6
+
+
+def test_fused_map_reads_one_at_the_normal_top_and_zero_on_the_frame() -> None:
+    scorer = _scorer()
+    normal = torch.randn(8, 1, 32, 32)
+    with torch.no_grad():
+        scorer.fit_memory_bank(scorer.features(normal[:4]), size=200)
+        out = scorer(normal)
+        scorer.fit_fused_scale([out["residual_map"], out["alm_map"]])
+        fused = scorer(normal)["fused_map"]
+    on_frame = fused.clone()
+    on_frame[..., 2:-2, 2:-2] = 0.0  # S/16 = 2 px at 32
+    assert float(on_frame.abs().max()) == 0.0 and float(fused.min()) >= 0.0 and float(fused.max()) > 0.0
+    for k, scale in zip(("residual_map", "alm_map"), scorer.fused_scale, strict=True):
+        top = torch.quantile(out[k][..., 2:-2, 2:-2].flatten(), 0.995)
+        assert abs(float(top / scale) - 1.0) < 1e-3
