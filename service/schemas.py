@@ -77,6 +77,9 @@ class ModelSummary(BaseModel):
     preprocessing: dict[str, Any]
     maps: list[str]
     primary_score: str
+    overlay_score: str | None = Field(
+        description="The score whose heatmap is shown first (viewer, PACS overlay): the primary score's when it has a "
+                    "map, else the mapped score best on the export's held-out scans")
     scores: dict[str, ScoreInfo]
     max_batch_size: int
     evaluation: dict[str, Any]

@@ -93,7 +93,7 @@ async def _ingest(engine: Any, outbox: Outbox, image: DicomImage, *, base_url: s
         objs: dict[str, Any] = {"sr": build_sr(source, result, ids)}
         maps = top.heatmaps or {}
         if maps:
-            name = engine.primary if engine.primary in maps else next(iter(maps))
+            name = engine.overlay if engine.overlay in maps else next(iter(maps))
             objs["sc"] = build_sc(source, image.frame(result.max_frame), name, maps[name], engine.cfg, result, ids)
         return objs
 

@@ -1,5 +1,6 @@
-"""The heatmap overlay of one scored image: an RGB Secondary Capture of the most anomalous B-scan with the primary
-score's heatmap blended on top, built by highdicom from the source dataset (patient/study copied by the library).
+"""The heatmap overlay of one scored image: an RGB Secondary Capture of the most anomalous B-scan with the overlay
+score's heatmap (`Engine.overlay`) blended on top, built by highdicom from the source dataset (patient/study
+copied by the library).
 
 Overlay: the heatmap (service.heatmaps scale: 0..1 of the calibration's map_scale) is resized onto the region the
 model saw (the B-scan minus its white margins) and coloured with a black→red→yellow ramp; its opacity grows

@@ -91,7 +91,7 @@ function showError(message) {
 async function show(answer) {
   const frames = answer.frames || [answer]; // a DICOM answer has frames; an image answer is its own one frame
   const names = [...new Set(frames.flatMap((f) => Object.keys(f.heatmaps || {})))];
-  const primaryMap = model && model.scores[model.primary_score] ? model.primary_score : names[0];
+  const primaryMap = model && names.includes(model.overlay_score) ? model.overlay_score : names[0];
   const before = new Map((shown ? shown.maps : []).map((m) => [m.name, m.on]));
   shown = {
     answer, frames, frame: answer.max_frame || 0,
