@@ -82,6 +82,9 @@ class Manifest(BaseModel):
     maps: list[str]
     scores: dict[str, ScoreSpec]
     primary_score: str
+    # The score whose heatmap is shown first (the service's viewer, the PACS overlay); it must have a map. Manifests
+    # written before it existed lack it: the service then picks one (service.engine.overlay_score).
+    overlay_score: str | None = None
     calibration: dict[str, Calibration]
     training: dict[str, Any] = Field(default_factory=dict)
     evaluation: dict[str, Any] = Field(default_factory=dict)
@@ -92,6 +95,9 @@ class Manifest(BaseModel):
     def check_consistent(self) -> None:
         if self.primary_score not in self.scores:
             raise ModelStoreError(f"primary_score {self.primary_score!r} is not one of {sorted(self.scores)}")
+        if self.overlay_score is not None and (self.overlay_score not in self.scores
+                                               or not self.scores[self.overlay_score].map):
+            raise ModelStoreError(f"overlay_score {self.overlay_score!r} is not a score with a map")
         missing = sorted(set(self.scores) - set(self.calibration))
         if missing:
             raise ModelStoreError(f"no calibration for scores {missing}")

@@ -58,9 +58,12 @@ class Outputs:
 
 
 def overlay_score(manifest: Manifest) -> str | None:
-    """The score whose heatmap is shown first (the viewer's default layer, the PACS overlay): the primary score's own
-    map; for a primary without one (`combined`), the mapped score that separated best on the export's held-out scans;
-    else the first mapped score. None when the model has no maps."""
+    """The score whose heatmap is shown first (the viewer's default layer, the PACS overlay): the manifest's
+    `overlay_score` (export chooses it). A manifest from before that field: the primary score's own map; for a
+    primary without one, the mapped score that separated best on the export's held-out scans; else the first mapped
+    score. None when the model has no maps."""
+    if manifest.overlay_score is not None:
+        return manifest.overlay_score
     mapped = [k for k, s in manifest.scores.items() if s.map]
     if manifest.primary_score in mapped or not mapped:
         return manifest.primary_score if mapped else None

@@ -78,8 +78,8 @@ class ModelSummary(BaseModel):
     maps: list[str]
     primary_score: str
     overlay_score: str | None = Field(
-        description="The score whose heatmap is shown first (viewer, PACS overlay): the primary score's when it has a "
-                    "map, else the mapped score best on the export's held-out scans")
+        description="The score whose heatmap is shown first (viewer, PACS overlay), chosen at export: the primary "
+                    "score's when it has a map, else the fused map's")
     scores: dict[str, ScoreInfo]
     max_batch_size: int
     evaluation: dict[str, Any]

@@ -61,3 +61,13 @@ def test_tampered_weights_are_refused(tiny_model, tmp_path: Path) -> None:
         f.write(b"\0")
     with pytest.raises(ModelStoreError, match="sha256"):
         load_scorer(d)
+
+
+@pytest.mark.slow
+def test_overlay_must_name_a_score_with_a_map(tiny_model, tmp_path: Path) -> None:
+    manifest, _ = load_scorer(tiny_model.version_dir)
+    assert manifest.overlay_score is not None and manifest.scores[manifest.overlay_score].map  # export set it
+    unmapped = next(k for k, s in manifest.scores.items() if not s.map)
+    for bad in (unmapped, "no-such-score"):
+        with pytest.raises(ModelStoreError, match="overlay_score"):
+            manifest.model_copy(update={"overlay_score": bad}).check_consistent()
