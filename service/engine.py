@@ -57,21 +57,6 @@ class Outputs:
     maps: dict[str, np.ndarray] | None  # score name → uint8 (h, w) at the crop box's aspect ratio
 
 
-def overlay_score(manifest: Manifest) -> str | None:
-    """The score whose heatmap is shown first (the viewer's default layer, the PACS overlay): the manifest's
-    `overlay_score` (export chooses it). A manifest from before that field: the primary score's own map; for a
-    primary without one, the mapped score that separated best on the export's held-out scans; else the first mapped
-    score. None when the model has no maps."""
-    if manifest.overlay_score is not None:
-        return manifest.overlay_score
-    mapped = [k for k, s in manifest.scores.items() if s.map]
-    if manifest.primary_score in mapped or not mapped:
-        return manifest.primary_score if mapped else None
-    held_out = manifest.evaluation.get("held_out", {})
-    ranked = [k for k in mapped if isinstance(held_out.get(k), dict) and "auroc" in held_out[k]]
-    return max(ranked, key=lambda k: held_out[k]["auroc"]) if ranked else mapped[0]
-
-
 def pick_device(requested: str) -> str:
     if requested == "cuda" and not torch.cuda.is_available():
         raise ModelStoreError("OCT_DEVICE=cuda but torch sees no CUDA device")
@@ -94,7 +79,7 @@ class Engine:
         self.higher_is_anomalous = manifest.scores[self.primary].higher_is_anomalous
         # score name → the output holding its map; driven by the manifest so new scores need no service change.
         self.score_maps = {k: s.map for k, s in manifest.scores.items() if s.map}
-        self.overlay = overlay_score(manifest)
+        self.overlay = manifest.overlay()
         self.map_scales = {k: float(manifest.calibration[k].map_scale or 1.0) for k in self.score_maps}
         for k in self.score_maps:
             if not manifest.calibration[k].map_scale:

@@ -30,6 +30,7 @@ from octcore.manifest import (
     Manifest,
     ModelStoreError,
     ScoreSpec,
+    default_overlay,
     list_versions,
     load_scorer,
     sha256_file,
@@ -240,18 +241,6 @@ def choose_primary(evaluation: dict[str, dict], specs: dict[str, ScoreSpec], req
     return best
 
 
-def choose_overlay(primary: str, specs: dict[str, ScoreSpec]) -> str | None:
-    """The score whose heatmap the service shows first: the primary's own map; for a primary without one
-    (`combined`), `fused`, whose map localises lesions best (pixel AUROC 0.950-0.959 on the demo phantom against at
-    most 0.923 for any single map, docs/quality.md); else the first score with a map. None without maps."""
-    mapped = [k for k, s in specs.items() if s.map]
-    if primary in mapped:
-        return primary
-    if "fused" in mapped:
-        return "fused"
-    return mapped[0] if mapped else None
-
-
 def auroc_standard_error(auroc: float, n_normal: int, n_abnormal: int) -> float:
     """Hanley & McNeil (1982) standard error of an AUROC from n_normal negatives and n_abnormal positives."""
     a = auroc
@@ -333,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             name=args.name, version=version, sha256=sha256_file(tmp / MODEL_FILE), torch_version=torch.__version__,
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             input=InputSpec(size=prep.size), preprocessing=prep.to_dict(), maps=maps, scores=specs,
-            primary_score=primary, overlay_score=choose_overlay(primary, specs), calibration=calibration,
+            primary_score=primary, overlay_score=default_overlay(primary, specs), calibration=calibration,
             training=training_summary(ckpt, ckpt_path) | ({"prior": prior} if prior else {}),
             evaluation={"held_out": evaluation, "primary_score_rule": "highest AUROC: normal validation vs abnormal "
                         "train scans; combined when within one standard error (Hanley-McNeil) of it"

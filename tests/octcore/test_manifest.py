@@ -8,6 +8,8 @@ import pytest
 from octcore.manifest import (
     Calibration,
     ModelStoreError,
+    ScoreSpec,
+    default_overlay,
     list_versions,
     load_scorer,
     read_manifest,
@@ -71,3 +73,13 @@ def test_overlay_must_name_a_score_with_a_map(tiny_model, tmp_path: Path) -> Non
     for bad in (unmapped, "no-such-score"):
         with pytest.raises(ModelStoreError, match="overlay_score"):
             manifest.model_copy(update={"overlay_score": bad}).check_consistent()
+
+
+def test_default_overlay_is_the_primary_map_else_the_fused_map() -> None:
+    mapped = {k: ScoreSpec(description=k, map=f"{k}_map") for k in ("residual", "alm", "fused")}
+    scores = {**mapped, "residual_contrast": ScoreSpec(description="", map=None),
+              "combined": ScoreSpec(description="", map=None)}
+    assert default_overlay("alm", scores) == "alm"
+    assert default_overlay("combined", scores) == "fused"
+    assert default_overlay("combined", {k: v for k, v in scores.items() if k != "fused"}) == "residual"
+    assert default_overlay("combined", {"combined": scores["combined"]}) is None

@@ -15,7 +15,7 @@ from service_helpers import kermany_files
 
 from octcore.manifest import load_scorer
 from octcore.preprocess import preprocess
-from service.engine import Engine, overlay_score
+from service.engine import Engine
 from service.heatmaps import heatmap_size
 from service.imaging import Limits, decode_image
 from service.metrics import Metrics
@@ -72,15 +72,3 @@ def test_score_upload_answers_with_heatmaps_in_the_asked_format(engine: Engine, 
         assert im.format == fmt.upper() and im.size[0] == engine.size
         assert im.mode == ("RGB" if fmt == "webp" else "L")  # WebP has no gray mode; its three channels are equal
 
-
-def test_overlay_is_the_manifests_else_the_primary_map_else_the_best_held_out_map(tiny_model) -> None:
-    manifest, _ = load_scorer(tiny_model.version_dir, device="cpu")
-    mapped = [k for k, s in manifest.scores.items() if s.map]
-    unmapped = next(k for k, s in manifest.scores.items() if not s.map)
-    held_out = {k: {"auroc": 0.5 + 0.1 * i} for i, k in enumerate(mapped)}  # the last mapped score separates best
-    assert overlay_score(manifest.model_copy(update={"overlay_score": mapped[1]})) == mapped[1]  # export's choice
-    manifest = manifest.model_copy(update={"overlay_score": None})  # a manifest from before the field
-    assert overlay_score(manifest.model_copy(update={"primary_score": mapped[0]})) == mapped[0]
-    no_map = manifest.model_copy(update={"primary_score": unmapped, "evaluation": {"held_out": held_out}})
-    assert overlay_score(no_map) == mapped[-1]
-    assert overlay_score(no_map.model_copy(update={"evaluation": {}})) == mapped[0]  # no held-out scans

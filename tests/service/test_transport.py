@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+
+import pytest
 
 from service.transport import FLUSH_BYTES, CoalescingTransport
 
@@ -32,52 +35,53 @@ class Recorder(asyncio.Transport):
         return ("127.0.0.1", 8000) if name == "sockname" else default
 
 
-def test_writes_of_one_step_leave_together() -> None:
-    asyncio.run(_test_writes_of_one_step_leave_together())
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
 
 
-async def _test_writes_of_one_step_leave_together() -> None:
+def coalescing(loop: asyncio.AbstractEventLoop) -> tuple[Recorder, CoalescingTransport]:
     raw = Recorder()
-    t = CoalescingTransport(raw, asyncio.get_running_loop())
+    return raw, CoalescingTransport(raw, loop)
+
+
+def step(loop: asyncio.AbstractEventLoop) -> None:
+    """Let the loop run what is scheduled: the end of the event-loop step that wrote."""
+    loop.run_until_complete(asyncio.sleep(0))
+
+
+def test_writes_of_one_step_leave_together(loop: asyncio.AbstractEventLoop) -> None:
+    raw, t = coalescing(loop)
     t.write(b"HTTP/1.1 200 OK\r\n\r\n")
     t.write(memoryview(b"body"))
     t.write(b"")
     assert raw.writes == [] and t.get_write_buffer_size() == 23
-    await asyncio.sleep(0)
+    step(loop)
     assert raw.writes == [b"HTTP/1.1 200 OK\r\n\r\nbody"] and t.get_write_buffer_size() == 0
     t.write(b"next")
-    await asyncio.sleep(0)
+    step(loop)
     assert raw.writes[1:] == [b"next"]
     assert t.get_extra_info("sockname") == ("127.0.0.1", 8000)  # everything else passes through
 
 
-def test_close_sends_what_is_held_and_abort_drops_it() -> None:
-    asyncio.run(_test_close_sends_what_is_held_and_abort_drops_it())
-
-
-async def _test_close_sends_what_is_held_and_abort_drops_it() -> None:
-    raw = Recorder()
-    t = CoalescingTransport(raw, asyncio.get_running_loop())
+def test_close_sends_what_is_held_and_abort_drops_it(loop: asyncio.AbstractEventLoop) -> None:
+    raw, t = coalescing(loop)
     t.write(b"last words")
     t.close()
     assert raw.writes == [b"last words"] and raw.closed
-    await asyncio.sleep(0)
+    step(loop)
     assert raw.writes == [b"last words"]  # the scheduled flush finds nothing left
-    raw2 = Recorder()
-    t2 = CoalescingTransport(raw2, asyncio.get_running_loop())
-    t2.write(b"never")
-    t2.abort()
-    await asyncio.sleep(0)
-    assert raw2.writes == [] and raw2.aborted
+    raw, t = coalescing(loop)
+    t.write(b"never")
+    t.abort()
+    step(loop)
+    assert raw.writes == [] and raw.aborted
 
 
-def test_big_writes_are_not_held() -> None:
-    asyncio.run(_test_big_writes_are_not_held())
-
-
-async def _test_big_writes_are_not_held() -> None:
-    raw = Recorder()
-    t = CoalescingTransport(raw, asyncio.get_running_loop())
+def test_big_writes_are_not_held(loop: asyncio.AbstractEventLoop) -> None:
+    raw, t = coalescing(loop)
     t.write(b"headers")
     t.write(b"x" * FLUSH_BYTES)
     assert raw.writes == [b"headers" + b"x" * FLUSH_BYTES]

@@ -1,11 +1,11 @@
-"""Export's choice of the served (primary) score on held-out scans, and of the heatmap shown first."""
+"""Export's choice of the served (primary) score on held-out scans."""
 
 from __future__ import annotations
 
 import pytest
 
 from octcore.manifest import ScoreSpec
-from training.export import auroc_standard_error, choose_overlay, choose_primary
+from training.export import auroc_standard_error, choose_primary
 
 SPECS = {k: ScoreSpec(description=k, map=None) for k in ("residual", "alm", "nll", "combined")}
 
@@ -42,11 +42,3 @@ def test_requested_score_overrides_and_unknown_is_refused() -> None:
     with pytest.raises(SystemExit, match="not one of"):
         choose_primary(held, SPECS, "bogus")
 
-
-def test_overlay_is_the_primary_map_else_the_fused_map() -> None:
-    mapped = {k: ScoreSpec(description=k, map=f"{k}_map") for k in ("residual", "alm", "fused")}
-    specs = {**mapped, "residual_contrast": ScoreSpec(description="", map=None), "combined": SPECS["combined"]}
-    assert choose_overlay("alm", specs) == "alm"
-    assert choose_overlay("combined", specs) == "fused"
-    assert choose_overlay("combined", {k: v for k, v in specs.items() if k != "fused"}) == "residual"
-    assert choose_overlay("combined", {"combined": SPECS["combined"]}) is None
