@@ -217,20 +217,38 @@ def gray_pixels(image: Image.Image) -> np.ndarray:
 def preprocess_gray(gray: np.ndarray, cfg: Preprocessing) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """Gray (H, W), float [0, 1] or uint8, → model input float32 (size, size), plus the crop box in input pixels."""
     cropped, box, bright = _crop(gray, cfg)
-    # Only the kept region becomes float, as `to_gray` would have made it (v / 255 in float32): a new array, so the
-    # fill paints it in place. The saturation mask comes from the crop step (on uint8, a quarter of the bytes).
-    touches = _touches_border(bright)
-    if cropped.dtype == np.uint8:
-        x = np.divide(cropped, np.float32(255.0), dtype=np.float32)  # = astype(float32) / 255, in one pass
-    else:  # the caller's pixels: copied when they are to be painted
-        x = np.array(cropped, dtype=np.float32) if touches else np.ascontiguousarray(cropped, dtype=np.float32)
-    if touches:
-        _paint_border_padding(bright, x, cfg.margin_fill)
-    resized = Image.fromarray(x).resize((cfg.size, cfg.size), _RESAMPLE[cfg.resample])
-    x = np.array(resized, dtype=np.float32)
-    np.subtract(x, np.float32(cfg.mean), out=x)  # (x - mean) / std in float32, without temporaries
+    touches = _touches_border(bright)  # the saturation mask comes from the crop step (on uint8, a quarter the bytes)
+    fill = _fill_level(cfg.margin_fill)
+    # Resized in 0..255 units and divided by 255 after (linear: equal to resizing v / 255 within float rounding, a
+    # few 1e-8). Float pixels are scaled up to the same units, so v / 255 from a DICOM frame and v from a JPEG give
+    # bit-identical inputs (v / 255 * 255 == v for every 8-bit v in float32).
+    if cropped.dtype == np.uint8 and (fill is not None or not touches):
+        # 8-bit pixels (the usual scan) stay 8-bit until PIL's own conversion to float: no float copy made in numpy
+        # and copied again into PIL, and a quarter of the bytes painted.
+        u8 = cropped.copy() if touches else np.ascontiguousarray(cropped)  # the caller's pixels are never painted
+        if touches:
+            _paint_border_padding(bright, u8, fill)
+        image = Image.frombuffer("L", (u8.shape[1], u8.shape[0]), u8, "raw", "L", 0, 1).convert("F")
+    else:  # float pixels, or a fill between two 8-bit levels: a float copy in 0..255 units, painted
+        x = (cropped.astype(np.float32) if cropped.dtype == np.uint8
+             else np.multiply(cropped, np.float32(255.0), dtype=np.float32))
+        if touches:
+            _paint_border_padding(bright, x, float(np.float32(cfg.margin_fill) * np.float32(255.0)))
+        image = Image.fromarray(x)
+    resized = image.resize((cfg.size, cfg.size), _RESAMPLE[cfg.resample]).tobytes()
+    x = np.frombuffer(resized, np.float32).reshape(cfg.size, cfg.size)
+    # ((x / 255) - mean) / std in float32: the first step makes the array the caller owns, the rest are in place.
+    x = np.divide(x, np.float32(255.0))
+    np.subtract(x, np.float32(cfg.mean), out=x)
     np.divide(x, np.float32(cfg.std), out=x)
     return x, box
+
+
+@functools.lru_cache(maxsize=16)
+def _fill_level(fill: float) -> int | None:
+    """The border fill as an 8-bit level v (fill == v / 255 exactly, in float32), or None when it lies between two."""
+    v = round(fill * 255.0)
+    return v if 0 <= v <= 255 and np.float32(v) / np.float32(255.0) == np.float32(fill) else None
 
 
 def preprocess(image: Image.Image, cfg: Preprocessing) -> np.ndarray:

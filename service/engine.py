@@ -164,7 +164,10 @@ class Engine:
             return []
         stacked = torch.stack([out[m][:, 0] for m in self.score_maps.values()])  # (K, B, S, S)
         scales = torch.tensor([self.map_scales[k] for k in self.score_maps], device=stacked.device)
-        return [(self._to_host(to_u8(stacked[:, idx], scales, boxes[idx[0]])), idx)  # type: ignore[arg-type]
+        n = stacked.shape[1]
+        return [(self._to_host(to_u8(stacked if len(idx) == n else  # the usual case: the whole batch, no gather
+                                     stacked.index_select(1, torch.tensor(idx, device=stacked.device)),
+                                     scales, boxes[idx[0]])), idx)  # type: ignore[arg-type]
                 for idx in groups.values()]
 
     def _forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:

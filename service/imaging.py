@@ -25,6 +25,11 @@ with warnings.catch_warnings():  # torchvision 0.29 points at torchcodec; its im
     from torchvision.io import ImageReadMode, decode_jpeg, decode_png
 from service.errors import DecompressionBomb, ImageTooLarge, UndecodableImage, UnsupportedImage
 
+# The same notice comes on every decode call: filtered once, for that message only, rather than by a `catch_warnings`
+# block around each call (which copies the filter list every time).
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
+                        category=DeprecationWarning)
+
 # 8- and 16-bit gray, RGB(A), palette (and what PIL reports for the same data in other containers).
 SUPPORTED_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
                              "I;16", "I;16B", "I;16L", "I;16N", "I"})
@@ -76,12 +81,10 @@ _TORCHVISION = {"JPEG": decode_jpeg, "PNG": decode_png}
 
 
 def _decode_gray(data: bytes, decode: Callable[..., torch.Tensor]) -> np.ndarray:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            pixels = decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.GRAY)
-        except RuntimeError as e:  # torchvision prefixes its C++ source location; the client needs the reason
-            raise UndecodableImage(f"corrupt or truncated image data ({str(e).rsplit(', ', 1)[-1]})") from e
+    try:
+        pixels = decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.GRAY)
+    except RuntimeError as e:  # torchvision prefixes its C++ source location; the client needs the reason
+        raise UndecodableImage(f"corrupt or truncated image data ({str(e).rsplit(', ', 1)[-1]})") from e
     return pixels[0].numpy()
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import dataclass
-from email.message import Message
 
 
 class MultipartError(ValueError):
@@ -32,12 +31,19 @@ class Part:
         return self.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+# One `; name=value` parameter of a media type (RFC 9110 §5.6.6): a token, or a quoted string with backslash escapes.
+_PARAM = re.compile(r';[ \t]*([^\s;=]+)[ \t]*=[ \t]*("(?:[^"\\]|\\.)*"|[^\s;]*)')
+_ESCAPE = re.compile(r"\\(.)")
+
+
 def content_type_params(content_type: str) -> tuple[str, dict[str, str]]:
-    """'multipart/related; type="application/dicom"; boundary=x' → ('multipart/related', {type:…, boundary:…})."""
-    msg = Message()
-    msg["content-type"] = content_type
-    params = {k.lower(): v for k, v in (msg.get_params() or [])[1:]}
-    return msg.get_content_type(), params
+    """'multipart/related; type="application/dicom"; boundary=x' → ('multipart/related', {type:…, boundary:…}).
+    Names are lower-cased; quotes and their escapes are removed."""
+    media, _, rest = content_type.partition(";")
+    params = {}
+    for name, value in _PARAM.findall(";" + rest):
+        params[name.lower()] = _ESCAPE.sub(r"\1", value[1:-1]) if value.startswith('"') else value
+    return media.strip().lower(), params
 
 
 def split_parts(body: bytes, boundary: str) -> list[Part]:

@@ -6,6 +6,7 @@ import base64
 import io
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -63,3 +64,20 @@ def test_resize_and_scale_on_the_device_match_pil_on_the_host() -> None:
     both = to_u8(torch.from_numpy(np.stack([m, m / 2])[:, None]), torch.tensor([2.0, 1.0]), box).numpy()
     assert both.shape == (2, 1, *want.shape)
     assert np.abs(both[0, 0].astype(int) - want).max() <= 1 and np.abs(both[1, 0].astype(int) - want).max() <= 1
+
+
+@pytest.mark.parametrize("box", [(0, 0, 90, 40), (0, 0, 40, 90), (0, 0, 64, 63), (3, 5, 40, 40)])
+def test_one_axis_resize_matches_pil_for_either_orientation(box: tuple[int, int, int, int]) -> None:
+    m = np.random.default_rng(2).random((64, 64), dtype=np.float32) * 1.5
+    host = np.asarray(Image.fromarray(m).resize(heatmap_size(box, 64), Image.Resampling.BILINEAR))
+    want = np.rint(np.clip(host / 1.5, 0, 1) * 255)
+    got = to_u8(torch.from_numpy(m), 1.5, box).numpy()
+    assert got.shape == want.shape
+    assert np.abs(got.astype(int) - want).max() <= 1 and np.mean(got != want) < 0.01  # float rounding at .5 only
+
+
+def test_nan_is_black_and_infinity_saturates() -> None:
+    m = np.zeros((32, 32), np.float32)
+    m[:, :4], m[:, -4:] = np.nan, np.inf
+    got = to_u8(torch.from_numpy(m), 1.0, (0, 0, 32, 32)).numpy()
+    assert np.all(got[:, :4] == 0) and np.all(got[:, -4:] == 255) and np.all(got[:, 8:-8] == 0)

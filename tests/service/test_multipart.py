@@ -74,3 +74,18 @@ def test_form_file_is_the_part_named_file() -> None:
 def test_form_file_refuses(body: bytes, why: str) -> None:
     with pytest.raises(MultipartError, match=why):
         form_file(body, "B")
+
+
+@pytest.mark.parametrize(("header", "media", "params"), [
+    ('multipart/related; type="application/dicom"; boundary=x', "multipart/related",
+     {"type": "application/dicom", "boundary": "x"}),
+    ('Multipart/Form-Data;BOUNDARY="a b\\"c;d"', "multipart/form-data", {"boundary": 'a b"c;d'}),
+    ("multipart/form-data; boundary=----WebKitFormBoundary7MA4YWxkTrZu0gW", "multipart/form-data",
+     {"boundary": "----WebKitFormBoundary7MA4YWxkTrZu0gW"}),
+    ('multipart/related ; type="application/dicom" ; boundary = "q" ; charset=utf-8', "multipart/related",
+     {"type": "application/dicom", "boundary": "q", "charset": "utf-8"}),
+    ("image/jpeg", "image/jpeg", {}),
+    ("", "", {}),
+])
+def test_content_type_parameters(header: str, media: str, params: dict[str, str]) -> None:
+    assert content_type_params(header) == (media, params)
