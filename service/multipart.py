@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 
 class MultipartError(ValueError):
-    """The body is not well-formed multipart/related; `str()` says where."""
+    """The body is not well-formed multipart (related or form-data); `str()` says where."""
 
 
 @dataclass(frozen=True)

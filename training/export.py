@@ -185,6 +185,11 @@ def fit_normal_statistics(scorer: Scorer | PriorScorer, ckpt: dict, oct_root: Pa
             s.fit_fused_scale([torch.cat([o[k].cpu() for o in outs]) for k in s.fused_of])
 
 
+def spec_maps(specs: dict[str, ScoreSpec]) -> list[str]:
+    """The maps the scores name, each once, in score order."""
+    return list(dict.fromkeys(s.map for s in specs.values() if s.map))
+
+
 def fit_combined(scorers: list[torch.nn.Module], normal: ScoredSet) -> None:
     """Give `combined` its normal statistics (the calibration images' mean and std of each score it combines), in
     every copy of the scorer (eager and scripted), then fill in the calibration images' own `combined` with the
@@ -283,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Calibrate on the run's own normal validation images: never seen by the optimiser, never the test set.
     val_files = calibration_files(ckpt, oct_root)
-    score_names, map_names = list(specs), list(dict.fromkeys(s.map for s in specs.values() if s.map))
+    score_names, map_names = list(specs), spec_maps(specs)
     normal = score_files(scripted, val_files, prep, score_names, map_names, args.batch_size, device,
                          desc="calibrating")
     if "combined" in specs:

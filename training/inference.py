@@ -34,6 +34,7 @@ from training.export import (
     fit_combined,
     fit_normal_statistics,
     resolve_checkpoint,
+    spec_maps,
 )
 from training.phantom import mask_path
 from training.pixel_metrics import load_mask, pixel_metrics
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     scorer = scorer.to(device)
     fit_normal_statistics(scorer, ckpt, oct_root, prep, device, args.batch_size)
     score_names = list(specs)
-    map_names = list(dict.fromkeys(s.map for s in specs.values() if s.map))
+    map_names = spec_maps(specs)
     if "combined" in specs:  # its normal statistics come from the calibration images, as in export
         normal = score_files(scorer, calibration_files(ckpt, oct_root), prep, [k for k in score_names
                              if k != "combined"], [], args.batch_size, device, args.num_workers, desc="normal stats")

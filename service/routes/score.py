@@ -47,13 +47,11 @@ _REQUEST_BODY = {"requestBody": {"required": True, "content": {
 
 async def read_upload(request: Request, settings: Settings) -> tuple[bytes, Decoder]:
     """The upload's bytes and the decoder for them; the body size limit is enforced while it streams in."""
-    content_type = request.headers.get("content-type", "")
-    media = content_type.split(";")[0].strip().lower()
+    media, params = content_type_params(request.headers.get("content-type", ""))
     if media == "multipart/form-data":
-        boundary = content_type_params(content_type)[1].get("boundary", "")
         body = await read_body(request, settings)
         try:
-            data = bytes(form_file(body, boundary))
+            data = bytes(form_file(body, params.get("boundary", "")))
         except MultipartError as e:
             raise BadRequest(f"multipart body: {e}; send the scan as a part named 'file'") from e
         if not data:
