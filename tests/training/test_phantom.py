@@ -279,6 +279,21 @@ def test_real_samples_are_8bit_grayscale_and_match_their_attribution() -> None:
     assert 512 in widths and widths - {512}, "the standard width and a wider scan"
 
 
+def test_phantom_is_compressed_like_the_real_scans(small_set: Path) -> None:
+    """Same JPEG quantisation tables as the Kermany scans (IJG quality 75), and a similar bit rate: the speckle costs
+    what a real scan's costs to store and to decode."""
+    def tables_and_bits(path: Path) -> tuple[dict, float]:
+        with Image.open(path) as im:
+            return {k: list(v) for k, v in im.quantization.items()}, 8 * path.stat().st_size / (im.width * im.height)
+
+    real = [tables_and_bits(f) for f in sorted(KERMANY.glob("*.jpeg"))]
+    fake = [tables_and_bits(f) for f in sorted((small_set / "OCT2017" / "test").rglob("*.jpeg"))]
+    assert all(t == real[0][0] for t, _ in real), "the real samples share one set of tables"
+    assert all(t == real[0][0] for t, _ in fake)
+    real_bits, fake_bits = np.median([b for _, b in real]), np.median([b for _, b in fake])
+    assert 0.7 < fake_bits / real_bits < 1.4, (fake_bits, real_bits)
+
+
 def test_phantom_and_real_scans_have_similar_intensity_statistics() -> None:
     """Loose guard that the phantom stays in the real scans' intensity range (see the sample images)."""
     def stats(img: np.ndarray) -> tuple[float, float, float]:
