@@ -143,32 +143,36 @@ class Engine:
                 if out[k].shape[0] != n:
                     raise RuntimeError(f"scorer output {k!r} has {out[k].shape[0]} rows for a batch of {n}")
             scores = self._to_host(torch.stack([out[k].reshape(n).float() for k in self.score_names]))  # (K, B)
-            heat = self._heatmaps(out, boxes)
+            with self._one_thread_on_cpu():
+                heat = self._heatmaps(out, boxes)
             if self.cuda:
                 torch.cuda.current_stream().synchronize()
         table = scores.numpy().T.tolist()  # (B, K) Python floats
         maps: list[dict[str, np.ndarray] | None] = [None] * n
-        for u8, idx in heat:  # (K, n_group, h, w) uint8 on the host
+        for per_score, idx in heat:  # one uint8 (n_group, h, w) on the host per score
             for j, i in enumerate(idx):
-                maps[i] = {k: u8[ki, j].numpy() for ki, k in enumerate(self.score_maps)}
+                maps[i] = {k: u8[j].numpy() for k, u8 in zip(self.score_maps, per_score, strict=True)}
         return [Outputs(dict(zip(self.score_names, row, strict=True)), m) for row, m in zip(table, maps, strict=True)]
 
-    def _heatmaps(self, out: dict[str, torch.Tensor], boxes: list[Box | None]) -> list[tuple[torch.Tensor, list[int]]]:
+    def _heatmaps(self, out: dict[str, torch.Tensor],
+                  boxes: list[Box | None]) -> list[tuple[list[torch.Tensor], list[int]]]:
         """uint8 heatmaps of the images that asked, on their way to the host: images whose crop boxes give the same
-        heatmap size are resized and scaled together, every score's map at once."""
+        heatmap size are resized and scaled together, one score's map at a time. Stacking the scores first cost a
+        third more on the CPU (a copy of every map, and passes over a tensor K times larger than the cache)."""
         groups: dict[tuple[int, int], list[int]] = {}
         for i, box in enumerate(boxes):
             if box is not None:
                 groups.setdefault(heatmap_size(box, self.size), []).append(i)
-        if not groups:
-            return []
-        stacked = torch.stack([out[m][:, 0] for m in self.score_maps.values()])  # (K, B, S, S)
-        scales = torch.tensor([self.map_scales[k] for k in self.score_maps], device=stacked.device)
-        n = stacked.shape[1]
-        return [(self._to_host(to_u8(stacked if len(idx) == n else  # the usual case: the whole batch, no gather
-                                     stacked.index_select(1, torch.tensor(idx, device=stacked.device)),
-                                     scales, boxes[idx[0]])), idx)  # type: ignore[arg-type]
-                for idx in groups.values()]
+        result = []
+        for idx in groups.values():
+            rows = None if len(idx) == len(boxes) else torch.tensor(idx, device=self.device)  # usually the whole batch
+            per_score = []
+            for k, name in self.score_maps.items():
+                m = out[name][:, 0]
+                per_score.append(self._to_host(to_u8(m if rows is None else m.index_select(0, rows),
+                                                     self.map_scales[k], boxes[idx[0]])))  # type: ignore[arg-type]
+            result.append((per_score, idx))
+        return result
 
     def _forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         if self._autocast_dtype is None:
@@ -185,6 +189,22 @@ class Engine:
             self._local.stream = torch.cuda.Stream(device=self.device)
         with torch.cuda.stream(self._local.stream):
             yield
+
+    @contextlib.contextmanager
+    def _one_thread_on_cpu(self) -> Iterator[None]:
+        """On the CPU, the heatmap arithmetic (a few passes over memory) runs on the inference thread alone. Split over
+        torch's intra-op pool it took as much CPU again in the service, the pool's threads contending with the event
+        loop for the cores (docs/service.md, "Fifth pass"). torch's thread count is per calling thread, so a
+        forward pass running meanwhile in another thread keeps its own."""
+        if self.cuda:
+            yield
+            return
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(n)
 
     def _to_device(self, xs: np.ndarray) -> torch.Tensor:
         """(B, S, S) → (B, 1, S, S) on the device. On CUDA through this thread's pinned buffer, so the copy is

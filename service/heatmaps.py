@@ -34,17 +34,12 @@ def heatmap_size(box: tuple[int, int, int, int], size: int) -> tuple[int, int]:
     return max(1, round(size * w / h)), size
 
 
-def to_u8(maps: torch.Tensor, map_scale: float | torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
-    """Maps (..., S, S) sharing one crop box → uint8 (..., h, w) on their device:
-    value = rint(clip(map / map_scale, 0, 1) * 255). `map_scale` is a number or a tensor broadcasting over the
-    leading dimensions (one scale per score). Resized with antialiased bilinear filtering, PIL's BILINEAR on a float
-    image (to float rounding)."""
-    lead, side = maps.shape[:-2], maps.shape[-1]
-    if isinstance(map_scale, torch.Tensor):  # one scale per leading index: (K,) scales (K, n, S, S) maps
-        gain: float | torch.Tensor = (255.0 / torch.where(map_scale > 0, map_scale, 1.0).float()).reshape(
-            *map_scale.shape, *([1] * (len(lead) - map_scale.dim() + 2)))
-    else:
-        gain = 255.0 / (map_scale if map_scale > 0 else 1.0)
+def to_u8(maps: torch.Tensor, map_scale: float, box: tuple[int, int, int, int]) -> torch.Tensor:
+    """Maps (..., S, S) sharing one crop box and one scale → uint8 (..., h, w) on their device:
+    value = rint(clip(map / map_scale, 0, 1) * 255). Resized with antialiased bilinear filtering, PIL's BILINEAR on
+    a float image (to float rounding)."""
+    side = maps.shape[-1]
+    gain = 255.0 / (map_scale if map_scale > 0 else 1.0)
     m = maps.float()
     w, h = heatmap_size(box, side)  # the longer side stays S, so at most one axis is resized
     if h != side:
@@ -57,7 +52,7 @@ def to_u8(maps: torch.Tensor, map_scale: float | torch.Tensor, box: tuple[int, i
     return q.nan_to_num_(0.0).clamp_(0.0, 255.0).round_().to(torch.int32).to(torch.uint8)
 
 
-def _resize_axis(m: torch.Tensor, n_out: int, axis: int, gain: float | torch.Tensor) -> torch.Tensor:
+def _resize_axis(m: torch.Tensor, n_out: int, axis: int, gain: float) -> torch.Tensor:
     """Antialiased bilinear resize of one axis (-2 or -1) to `n_out`, times `gain`: each output line is a weighted sum
     of the few input lines under its filter, so the work is a handful of whole-tensor gathers and multiply-adds
     (F.interpolate's antialiased kernel took ~1.5× as long on a batch of heatmaps, one thread). The scale rides in

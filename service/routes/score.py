@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from service.deps import EngineDep, require_api_key
 from service.dicom.decode import is_dicom
@@ -45,6 +45,16 @@ _REQUEST_BODY = {"requestBody": {"required": True, "content": {
 }}}
 
 
+class ScoreQuery(BaseModel):
+    """`/score`'s query parameters, validated as one model: ~0.04 ms of CPU a request less than three separate
+    `Query()` parameters (FastAPI resolves each parameter and dependency anew on every request; docs/service.md)."""
+
+    heatmaps: bool = Field(True, description="Return base64 heatmaps (see ScoreResult.heatmaps)")
+    heatmap_format: HeatmapFormat = Field("png", description="png (lossless, default), or the smaller lossy webp or "
+                                          "jpeg (quality 90)")
+    preview: bool = Field(False, description="Return the decoded scan as PNG (see ScoreResult.preview)")
+
+
 async def read_upload(request: Request, settings: Settings) -> tuple[bytes, Decoder]:
     """The upload's bytes and the decoder for them; the body size limit is enforced while it streams in."""
     media, params = content_type_params(request.headers.get("content-type", ""))
@@ -72,14 +82,9 @@ async def read_upload(request: Request, settings: Settings) -> tuple[bytes, Deco
                                 Busy, NotReady),
     summary="Score one OCT B-scan",
 )
-async def score(
-    request: Request, engine: EngineDep,
-    heatmaps: Annotated[bool, Query(description="Return base64 heatmaps (see ScoreResult.heatmaps)")] = True,
-    heatmap_format: Annotated[HeatmapFormat, Query(description="png (lossless, default), or the smaller lossy "
-                                                   "webp or jpeg (quality 90)")] = "png",
-    preview: Annotated[bool, Query(description="Return the decoded scan as PNG (see ScoreResult.preview)")] = False,
-) -> Response:
+async def score(request: Request, engine: EngineDep, query: Annotated[ScoreQuery, Query()]) -> Response:
     started = time.perf_counter()
+    heatmaps, preview = query.heatmaps, query.preview
     settings = engine.settings  # the app's settings; not a second dependency to solve on every request
     request.scope["oct.audit"] = {"model": engine.manifest.name, "model_version": engine.manifest.version}
     if not engine.ready:  # before reading the upload: a client should not send megabytes to be refused
@@ -89,7 +94,7 @@ async def score(
         return _json(await score_dicom_upload(request, engine, data, heatmaps=heatmaps, preview=preview,
                                               started=started))
     limits = Limits(max_side=settings.max_image_side, max_pixels=settings.max_image_pixels)
-    result = await engine.score_upload(data, decoder, limits, heatmaps=heatmaps, heatmap_format=heatmap_format,
+    result = await engine.score_upload(data, decoder, limits, heatmaps=heatmaps, heatmap_format=query.heatmap_format,
                                        preview=preview, request_id=request.scope.get("oct.request_id"),
                                        started=started)
     request.scope["oct.audit"].update(score=result.score, is_anomalous=result.is_anomalous,

@@ -72,3 +72,35 @@ def test_score_upload_answers_with_heatmaps_in_the_asked_format(engine: Engine, 
         assert im.format == fmt.upper() and im.size[0] == engine.size
         assert im.mode == ("RGB" if fmt == "webp" else "L")  # WebP has no gray mode; its three channels are equal
 
+
+
+def test_heatmaps_on_one_cpu_thread_and_the_model_keeps_its_own(engine: Engine, monkeypatch) -> None:
+    """On the CPU the heatmap arithmetic runs on the inference thread alone; the forward pass before it, the next
+    batch and the other threads keep torch's thread count."""
+    import service.engine as engine_module
+
+    seen: dict[str, int] = {}
+    real_to_u8, real_forward = engine_module.to_u8, engine._forward
+
+    def to_u8(*args, **kwargs):
+        seen["heatmaps"] = torch.get_num_threads()
+        return real_to_u8(*args, **kwargs)
+
+    def forward(batch):
+        seen.setdefault("forward", torch.get_num_threads())
+        return real_forward(batch)
+
+    monkeypatch.setattr(engine_module, "to_u8", to_u8)
+    monkeypatch.setattr(engine, "_forward", forward)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = np.zeros((2, engine.size, engine.size), np.float32)
+        box = (0, 0, engine.size, engine.size)
+        pool = engine._infer_pool
+        pool.submit(engine._infer, x, [box, box]).result()
+        assert seen == {"forward": 2, "heatmaps": 1}
+        assert pool.submit(torch.get_num_threads).result() == 2  # restored for the next batch's forward
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -60,10 +60,11 @@ def test_resize_and_scale_on_the_device_match_pil_on_the_host() -> None:
     want = np.rint(np.clip(host / 2.0, 0, 1) * 255)
     got = to_u8(torch.from_numpy(m), 2.0, box).numpy()
     assert got.shape == want.shape and np.abs(got.astype(int) - want).max() <= 1
-    # Batched as the engine does it: (scores, images, S, S) with one scale per score.
-    both = to_u8(torch.from_numpy(np.stack([m, m / 2])[:, None]), torch.tensor([2.0, 1.0]), box).numpy()
-    assert both.shape == (2, 1, *want.shape)
-    assert np.abs(both[0, 0].astype(int) - want).max() <= 1 and np.abs(both[1, 0].astype(int) - want).max() <= 1
+    # Batched as the engine does it: (images, S, S), one score's maps.
+    both = to_u8(torch.from_numpy(np.stack([m, m * 2])), 2.0, box).numpy()
+    assert both.shape == (2, *want.shape)
+    assert np.abs(both[0].astype(int) - want).max() <= 1
+    assert np.abs(both[1].astype(int) - np.rint(np.clip(host, 0, 1) * 255)).max() <= 1
 
 
 @pytest.mark.parametrize("box", [(0, 0, 90, 40), (0, 0, 40, 90), (0, 0, 64, 63), (3, 5, 40, 40)])
