@@ -158,7 +158,7 @@ class Engine:
                   boxes: list[Box | None]) -> list[tuple[list[torch.Tensor], list[int]]]:
         """uint8 heatmaps of the images that asked, on their way to the host: images whose crop boxes give the same
         heatmap size are resized and scaled together, one score's map at a time. Stacking the scores first cost ~40 %
-        more CPU (a copy of every map, and passes over a tensor K times larger than the cache)."""
+        more CPU (a copy of every map, and every pass over a tensor K times larger)."""
         groups: dict[tuple[int, int], list[int]] = {}
         for i, box in enumerate(boxes):
             if box is not None:
