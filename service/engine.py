@@ -143,8 +143,7 @@ class Engine:
                 if out[k].shape[0] != n:
                     raise RuntimeError(f"scorer output {k!r} has {out[k].shape[0]} rows for a batch of {n}")
             scores = self._to_host(torch.stack([out[k].reshape(n).float() for k in self.score_names]))  # (K, B)
-            with self._one_thread_on_cpu():
-                heat = self._heatmaps(out, boxes)
+            heat = self._heatmaps(out, boxes)
             if self.cuda:
                 torch.cuda.current_stream().synchronize()
         table = scores.numpy().T.tolist()  # (B, K) Python floats
@@ -163,15 +162,18 @@ class Engine:
         for i, box in enumerate(boxes):
             if box is not None:
                 groups.setdefault(heatmap_size(box, self.size), []).append(i)
-        result = []
-        for idx in groups.values():
-            rows = None if len(idx) == len(boxes) else torch.tensor(idx, device=self.device)  # usually the whole batch
-            per_score = []
-            for k, name in self.score_maps.items():
-                m = out[name][:, 0]
-                per_score.append(self._to_host(to_u8(m if rows is None else m.index_select(0, rows),
-                                                     self.map_scales[k], boxes[idx[0]])))  # type: ignore[arg-type]
-            result.append((per_score, idx))
+        result: list[tuple[list[torch.Tensor], list[int]]] = []
+        if not groups:  # no request in the batch asked: torch's thread count is left alone
+            return result
+        with self._one_thread_on_cpu():
+            for idx in groups.values():
+                rows = None if len(idx) == len(boxes) else torch.tensor(idx, device=self.device)  # usually all
+                per_score = []
+                for k, name in self.score_maps.items():
+                    m = out[name][:, 0]
+                    per_score.append(self._to_host(to_u8(m if rows is None else m.index_select(0, rows),
+                                                         self.map_scales[k], boxes[idx[0]])))  # type: ignore[arg-type]
+                result.append((per_score, idx))
         return result
 
     def _forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:

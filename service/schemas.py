@@ -23,7 +23,6 @@ PREVIEW_DOC = (
 )
 
 
-
 class ScoreQuery(BaseModel):
     """`POST /score`'s query parameters, validated as one model: ~0.04 ms of CPU a request less than three separate
     `Query()` parameters (FastAPI resolves each parameter and dependency anew on every request; docs/service.md)."""
@@ -32,6 +31,7 @@ class ScoreQuery(BaseModel):
     heatmap_format: HeatmapFormat = Field("png", description="png (lossless, default), or the smaller lossy webp or "
                                           "jpeg (quality 90)")
     preview: bool = Field(False, description="Return the decoded scan as PNG (see ScoreResult.preview)")
+
 
 class HeatmapBox(BaseModel):
     """The region of the uploaded image the heatmaps cover, in upload pixels: the scan after white margins are

@@ -73,7 +73,7 @@ async def read_upload(request: Request, settings: Settings) -> tuple[bytes, Deco
 )
 async def score(request: Request, engine: EngineDep, query: Annotated[ScoreQuery, Query()]) -> Response:
     started = time.perf_counter()
-    heatmaps, preview = query.heatmaps, query.preview
+    heatmaps, heatmap_format, preview = query.heatmaps, query.heatmap_format, query.preview
     settings = engine.settings  # the app's settings; not a second dependency to solve on every request
     request.scope["oct.audit"] = {"model": engine.manifest.name, "model_version": engine.manifest.version}
     if not engine.ready:  # before reading the upload: a client should not send megabytes to be refused
@@ -83,7 +83,7 @@ async def score(request: Request, engine: EngineDep, query: Annotated[ScoreQuery
         return _json(await score_dicom_upload(request, engine, data, heatmaps=heatmaps, preview=preview,
                                               started=started))
     limits = Limits(max_side=settings.max_image_side, max_pixels=settings.max_image_pixels)
-    result = await engine.score_upload(data, decoder, limits, heatmaps=heatmaps, heatmap_format=query.heatmap_format,
+    result = await engine.score_upload(data, decoder, limits, heatmaps=heatmaps, heatmap_format=heatmap_format,
                                        preview=preview, request_id=request.scope.get("oct.request_id"),
                                        started=started)
     request.scope["oct.audit"].update(score=result.score, is_anomalous=result.is_anomalous,
