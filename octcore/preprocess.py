@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
+from octcore.resize import FILTERS, resize
+
 # Formats a scan can arrive in: 8-bit, 16-bit, float, palette, with or without alpha.
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
 
@@ -219,29 +221,22 @@ def preprocess_gray(gray: np.ndarray, cfg: Preprocessing) -> tuple[np.ndarray, t
     cropped, box, bright = _crop(gray, cfg)
     touches = _touches_border(bright)  # the saturation mask comes from the crop step (on uint8, a quarter the bytes)
     fill = _fill_level(cfg.margin_fill)
-    # Resized in 0..255 units and divided by 255 after (linear: equal to resizing v / 255 within float rounding, a
-    # few 1e-8). Float pixels are scaled up to the same units, so v / 255 from a DICOM frame and v from a JPEG give
-    # bit-identical inputs (v / 255 * 255 == v for every 8-bit v in float32).
+    # Painted and resized in 0..255 units, the normalisation ((x / 255) - mean) / std folded into the resize. Float
+    # pixels are scaled up to the same units, so v / 255 from a DICOM frame and v from a JPEG give bit-identical
+    # inputs (v / 255 * 255 == v for every 8-bit v in float32).
     if cropped.dtype == np.uint8 and (fill is not None or not touches):
-        # 8-bit pixels (the usual scan) stay 8-bit until PIL's own conversion to float: no float copy made in numpy
-        # and copied again into PIL, and a quarter of the bytes painted.
-        u8 = cropped.copy() if touches else np.ascontiguousarray(cropped)  # the caller's pixels are never painted
+        # 8-bit pixels (the usual scan) stay 8-bit until the resize's own conversion to float: a quarter of the
+        # bytes painted, and no float copy made twice.
+        x = cropped
         if touches:
-            _paint_border_padding(bright, u8, fill)
-        image = Image.frombuffer("L", (u8.shape[1], u8.shape[0]), u8, "raw", "L", 0, 1).convert("F")
+            x = cropped.copy()  # the caller's pixels are never painted
+            _paint_border_padding(bright, x, fill)
     else:  # float pixels, or a fill between two 8-bit levels: a float copy in 0..255 units, painted
         x = (cropped.astype(np.float32) if cropped.dtype == np.uint8
              else np.multiply(cropped, np.float32(255.0), dtype=np.float32))
         if touches:
             _paint_border_padding(bright, x, float(np.float32(cfg.margin_fill) * np.float32(255.0)))
-        image = Image.fromarray(x)
-    resized = image.resize((cfg.size, cfg.size), _RESAMPLE[cfg.resample]).tobytes()
-    x = np.frombuffer(resized, np.float32).reshape(cfg.size, cfg.size)
-    # ((x / 255) - mean) / std in float32: the first step makes the array the caller owns, the rest are in place.
-    x = np.divide(x, np.float32(255.0))
-    np.subtract(x, np.float32(cfg.mean), out=x)
-    np.divide(x, np.float32(cfg.std), out=x)
-    return x, box
+    return _resize(x, cfg), box
 
 
 @functools.lru_cache(maxsize=16)
@@ -249,6 +244,16 @@ def _fill_level(fill: float) -> int | None:
     """The border fill as an 8-bit level v (fill == v / 255 exactly, in float32), or None when it lies between two."""
     v = round(fill * 255.0)
     return v if 0 <= v <= 255 and np.float32(v) / np.float32(255.0) == np.float32(fill) else None
+
+
+def _resize(x: np.ndarray, cfg: Preprocessing) -> np.ndarray:
+    """Pixels in 0..255 units (uint8 or float32) → the model input: resized to (size, size), (x / 255 - mean) / std."""
+    gain, offset = 1.0 / (255.0 * cfg.std), -cfg.mean / cfg.std
+    if cfg.resample in FILTERS:
+        return resize(x, cfg.size, cfg.resample, gain, offset)
+    # PIL's nearest picks samples rather than filtering them: left to PIL.
+    resized = Image.fromarray(x.astype(np.float32)).resize((cfg.size, cfg.size), _RESAMPLE[cfg.resample])
+    return np.asarray(resized, dtype=np.float32) * np.float32(gain) + np.float32(offset)
 
 
 def preprocess(image: Image.Image, cfg: Preprocessing) -> np.ndarray:

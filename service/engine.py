@@ -29,6 +29,7 @@ import torch
 
 from octcore.manifest import Manifest, ModelStoreError, load_scorer, resolve_version_dir
 from octcore.preprocess import preprocess_gray
+from octcore.resize import one_torch_thread
 from service.batcher import Batcher
 from service.errors import NotReady
 from service.heatmaps import HeatmapFormat, encode_all, heatmap_size, to_u8
@@ -94,7 +95,11 @@ class Engine:
         # On CPU one batch at a time (inference already uses every thread torch has); on CUDA two, each on its own
         # stream, so the copies of one overlap the compute of the other.
         inflight = settings.inflight_batches or (2 if self.cuda else 1)
-        self._infer_pool = ThreadPoolExecutor(max_workers=inflight, thread_name_prefix="oct-infer")
+        # The inference threads take torch's thread count as it is now (OCT_TORCH_THREADS, else torch's default), set
+        # when each starts: a thread's count is otherwise fixed at its first torch op, from whatever another thread
+        # last set, and preprocessing sets 1 around its resize on the event loop (octcore.resize.one_torch_thread).
+        self._infer_pool = ThreadPoolExecutor(max_workers=inflight, thread_name_prefix="oct-infer",
+                                              initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
         self._local = threading.local()  # per inference thread: CUDA stream and pinned staging buffer
         self.cpu_pool = ThreadPoolExecutor(max_workers=max(1, settings.cpu_workers), thread_name_prefix="oct-cpu")
         self._inline = settings.cpu_workers == 0
@@ -192,22 +197,12 @@ class Engine:
         with torch.cuda.stream(self._local.stream):
             yield
 
-    @contextlib.contextmanager
-    def _one_thread_on_cpu(self) -> Iterator[None]:
+    def _one_thread_on_cpu(self) -> contextlib.AbstractContextManager[None]:
         """On the CPU, the heatmap arithmetic (a few passes over memory) runs on the inference thread alone: split over
         torch's intra-op pool the same work cost more CPU (2.2–2.9 against 2.0–2.1 ms a batch of 8 × 3 maps, alone
         on the machine), and in the service the pool's threads contend with the event loop for the cores
-        (docs/service.md, "Fifth pass"). torch's thread count is per calling thread, so a forward pass running
-        meanwhile in another thread keeps its own."""
-        if self.cuda:
-            yield
-            return
-        n = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(n)
+        (docs/service.md, "Fifth pass"). A forward pass running meanwhile in another thread keeps its own count."""
+        return contextlib.nullcontext() if self.cuda else one_torch_thread()
 
     def _to_device(self, xs: np.ndarray) -> torch.Tensor:
         """(B, S, S) → (B, 1, S, S) on the device. On CUDA through this thread's pinned buffer, so the copy is

@@ -22,6 +22,8 @@ import torch
 from PIL import Image
 from zlib_ng import zlib_ng  # zlib's API and output format; its Huffman-only path is ~1.7x faster than zlib's
 
+from octcore.resize import taps
+
 HeatmapFormat = Literal["png", "webp", "jpeg"]
 MEDIA_TYPES: dict[str, str] = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 
@@ -70,18 +72,11 @@ def _resize_axis(m: torch.Tensor, n_out: int, axis: int, gain: float) -> torch.T
 
 @functools.lru_cache(maxsize=64)
 def _taps(n_in: int, n_out: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """PIL's antialiased bilinear filter for n_in → n_out samples (Resample.c `precompute_coeffs`), as (k, n_out)
-    source indices and weights: tap t of output i reads input index[t, i]; unused taps weigh 0."""
-    scale = n_in / n_out
-    filter_scale = max(scale, 1.0)  # downscaling widens the triangle filter to the source spacing
-    center = (np.arange(n_out) + 0.5) * scale
-    lo = np.maximum(np.trunc(center - filter_scale + 0.5).astype(np.int64), 0)
-    hi = np.minimum(np.trunc(center + filter_scale + 0.5).astype(np.int64), n_in)
-    src = lo[None, :] + np.arange(int((hi - lo).max()))[:, None]
-    w = np.where(src < hi, np.maximum(1.0 - np.abs((src - center + 0.5) / filter_scale), 0.0), 0.0)
-    w /= w.sum(axis=0, keepdims=True)
-    return (torch.from_numpy(np.minimum(src, n_in - 1)).to(device),
-            torch.from_numpy(w.astype(np.float32)).to(device))
+    """PIL's antialiased bilinear weights (`octcore.resize.taps`, what preprocessing resizes with) as (k, n_out)
+    source indices and float32 weights on `device`: tap t of output i reads input index[t, i]."""
+    index, weight = taps(n_in, n_out, "bilinear")
+    return (torch.from_numpy(np.ascontiguousarray(index.T)).to(device),
+            torch.from_numpy(weight.T.astype(np.float32)).to(device))
 
 
 def _png(u8: np.ndarray) -> bytes:

@@ -60,7 +60,10 @@ def test_volume_scores_per_frame_equal_png_scores(service: Service) -> None:
     for f in body["frames"]:
         single = httpx.post(f"{service.url}/score", params={"heatmaps": "false"}, content=png(FRAMES[f["index"]]),
                             headers={"Content-Type": "image/png"}, timeout=60).json()
-        assert f["score"] == pytest.approx(single["score"], rel=1e-6)
+        # The same input pixels (8-bit v and the DICOM frame's v / 255 are bit-identical after preprocessing), but
+        # the frames share a batch and each PNG has one to itself: convolutions round differently per batch size,
+        # up to ~1e-6 of the score on the tiny model.
+        assert f["score"] == pytest.approx(single["score"], rel=1e-5)
         heatmap = base64.b64decode(next(iter(f["heatmaps"].values())))
         assert Image.open(io.BytesIO(heatmap)).format == "PNG"
     scores = [f["score"] for f in body["frames"]]

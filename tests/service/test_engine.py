@@ -74,33 +74,38 @@ def test_score_upload_answers_with_heatmaps_in_the_asked_format(engine: Engine, 
 
 
 
-def test_heatmaps_on_one_cpu_thread_and_the_model_keeps_its_own(engine: Engine, monkeypatch) -> None:
-    """On the CPU the heatmap arithmetic runs on the inference thread alone; the forward pass before it, the next
-    batch and the other threads keep torch's thread count."""
+def test_heatmaps_on_one_cpu_thread_and_the_model_keeps_its_own(tiny_model, monkeypatch) -> None:
+    """On the CPU the heatmap arithmetic runs on the inference thread alone; the forward pass before it and the next
+    batch keep the engine's thread count, even when the inference thread starts while the event loop is inside
+    preprocessing's one-thread block (where a new thread would otherwise take a count of 1)."""
     import service.engine as engine_module
+    from octcore.resize import one_torch_thread
 
-    seen: dict[str, int] = {}
-    real_to_u8, real_forward = engine_module.to_u8, engine._forward
-
-    def to_u8(*args, **kwargs):
-        seen["heatmaps"] = torch.get_num_threads()
-        return real_to_u8(*args, **kwargs)
-
-    def forward(batch):
-        seen.setdefault("forward", torch.get_num_threads())
-        return real_forward(batch)
-
-    monkeypatch.setattr(engine_module, "to_u8", to_u8)
-    monkeypatch.setattr(engine, "_forward", forward)
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
     try:
+        engine = Engine.load(Settings(model_store=tiny_model.store, model_name=tiny_model.name, device="cpu",
+                                      torch_threads=2, warmup=False), Metrics())
+        seen: dict[str, int] = {}
+        real_to_u8, real_forward = engine_module.to_u8, engine._forward
+
+        def to_u8(*args, **kwargs):
+            seen["heatmaps"] = torch.get_num_threads()
+            return real_to_u8(*args, **kwargs)
+
+        def forward(batch):
+            seen.setdefault("forward", torch.get_num_threads())
+            return real_forward(batch)
+
+        monkeypatch.setattr(engine_module, "to_u8", to_u8)
+        monkeypatch.setattr(engine, "_forward", forward)
         x = np.zeros((2, engine.size, engine.size), np.float32)
         box = (0, 0, engine.size, engine.size)
         pool = engine._infer_pool
-        pool.submit(engine._infer, x, [box, box]).result()
+        with one_torch_thread():  # the inference thread starts here
+            pool.submit(engine._infer, x, [box, box]).result()
         assert seen == {"forward": 2, "heatmaps": 1}
         assert pool.submit(torch.get_num_threads).result() == 2  # restored for the next batch's forward
         assert torch.get_num_threads() == 2
+        pool.shutdown()
     finally:
         torch.set_num_threads(before)
