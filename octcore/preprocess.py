@@ -173,12 +173,14 @@ def _grow(runs: np.ndarray, by: int = 2) -> np.ndarray:
     """Run lengths after dilating the runs by `by` px in L1: a neighbour d columns away reaches `by - d` further."""
     if not runs.any():
         return runs
-    grown = np.where(runs > 0, runs + by, 0)
+    reach = np.where(runs > 0, runs + by, 0)
+    grown = reach.copy()
     n = runs.size
     for d in range(1, by + 1):
-        reach = np.where(runs > 0, runs + by - d, 0)
-        grown[d:] = np.maximum(grown[d:], reach[:n - d])
-        grown[:n - d] = np.maximum(grown[:n - d], reach[d:])
+        # Now runs + by - d where there is a run, negative elsewhere (the maximum keeps what `grown` has there).
+        np.subtract(reach, 1, out=reach)
+        np.maximum(grown[d:], reach[:n - d], out=grown[d:])
+        np.maximum(grown[:n - d], reach[d:], out=grown[:n - d])
     return grown
 
 
