@@ -19,8 +19,8 @@ from typing import Literal
 
 import numpy as np
 import torch
+from isal import isal_zlib  # Intel ISA-L's deflate behind zlib's API and format: several times zlib's speed
 from PIL import Image
-from zlib_ng import zlib_ng  # zlib's API and output format; its Huffman-only path is ~1.7x faster than zlib's
 
 from octcore.resize import taps
 
@@ -80,19 +80,18 @@ def _taps(n_in: int, n_out: int, device: torch.device) -> tuple[torch.Tensor, to
 
 
 def _png(u8: np.ndarray) -> bytes:
-    """8-bit gray PNG, written for speed: the Sub filter (smooth maps become small differences) and Huffman-only
-    deflate (zlib-ng) — a fifth to a half of zlib level 1's time, at a similar size on heatmaps; PIL's adaptive
-    filtering costs ~5× more."""
+    """8-bit gray PNG, written for speed: the Sub filter (smooth maps become small differences) and ISA-L's level-1
+    deflate. On a real export's maps that takes 0.8× the time of zlib-ng's Huffman-only deflate (used before) and
+    is ~8 % smaller; on mostly flat maps (long runs) 6× faster and 2.5× smaller. PIL's adaptive filtering: ~5× more."""
     h, w = u8.shape
     rows = np.empty((h, w + 1), np.uint8)
     rows[:, 0] = 1  # filter type Sub on every row
     rows[:, 1] = u8[:, 0]
     np.subtract(u8[:, 1:], u8[:, :-1], out=rows[:, 2:])
-    z = zlib_ng.compressobj(1, zlib_ng.DEFLATED, 15, 9, zlib_ng.Z_HUFFMAN_ONLY)
-    idat = z.compress(rows.tobytes()) + z.flush()
+    idat = isal_zlib.compress(rows, 1)
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib_ng.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", isal_zlib.crc32(kind + data))
 
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
             + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
