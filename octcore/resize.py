@@ -19,6 +19,10 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
+# torch says once per process that sparse CSR tensors are "in beta"; the CSR × dense product used here is long-standing.
+# Filtered for that message only, at import (a `catch_warnings` block is not thread-safe).
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+
 
 def _bilinear(x: np.ndarray) -> np.ndarray:
     x = np.abs(x)
@@ -68,11 +72,9 @@ def _matrix(n_in: int, n_out: int, resample: str, gain: float, n_cols: int) -> t
     index, w = taps(n_in, n_out, resample)
     keep = w != 0.0
     crow = np.concatenate([[0], np.cumsum(keep.sum(axis=1))])
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is long-standing
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(torch.from_numpy(crow), torch.from_numpy(index[keep]),
-                                       torch.from_numpy((w[keep] * gain).astype(np.float32)),
-                                       size=(n_out, n_cols))
+    return torch.sparse_csr_tensor(torch.from_numpy(crow), torch.from_numpy(index[keep]),
+                                   torch.from_numpy((w[keep] * gain).astype(np.float32)), size=(n_out, n_cols),
+                                   check_invariants=True)  # once per shape: cheap, and it checks the layout
 
 
 def _padded(n: int) -> int:
