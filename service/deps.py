@@ -10,6 +10,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 
 from service.engine import Engine
 from service.errors import NotReady, Unauthorized
@@ -49,10 +50,28 @@ async def require_api_key(
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     x_api_key: Annotated[str | None, Depends(_api_key_header)],
 ) -> None:
-    settings: Settings = request.app.state.settings  # not a sub-dependency: this runs on every request
+    offered = x_api_key if x_api_key is not None else bearer.credentials if bearer is not None else None
+    check_api_key(request.app.state.settings, offered)  # settings from app.state: not a sub-dependency per request
+
+
+def authorize(request: Request) -> None:
+    """`require_api_key`, called by a route rather than solved as a dependency, for the one hot path (`POST /score`):
+    the same headers read the way the two security schemes read them (`X-API-Key` first, then a non-empty
+    `Authorization: Bearer`). Its OpenAPI operation names the same schemes (routes/score.py)."""
+    settings: Settings = request.app.state.settings
     if not settings.api_keys:
         return
-    offered = x_api_key if x_api_key is not None else bearer.credentials if bearer is not None else None
+    offered = request.headers.get("x-api-key") or None  # an empty header counts as none, as in APIKeyHeader
+    if offered is None:
+        scheme, credentials = get_authorization_scheme_param(request.headers.get("authorization"))
+        offered = credentials if scheme.lower() == "bearer" and credentials else None
+    check_api_key(settings, offered)
+
+
+def check_api_key(settings: Settings, offered: str | None) -> None:
+    """401 unless `offered` is one of OCT_API_KEYS (or none are set)."""
+    if not settings.api_keys:
+        return
     if offered is None:
         raise Unauthorized("send `Authorization: Bearer <key>` or `X-API-Key: <key>`",
                            headers={"WWW-Authenticate": "Bearer"})
@@ -73,3 +92,7 @@ async def require_results_key(settings: SettingsDep) -> None:
     if anonymous_off_loopback(settings):
         raise Unauthorized("results carry patient data and are served only with an API key when the service listens "
                            "beyond loopback; set OCT_API_KEYS", headers={"WWW-Authenticate": "Bearer"})
+
+
+# `authorize`'s OpenAPI: the operation lists the same two schemes, as alternatives (an `openapi_extra` fragment).
+SECURITY_REQUIREMENTS = [{_bearer.scheme_name: []}, {_api_key_header.scheme_name: []}]

@@ -24,8 +24,9 @@ PREVIEW_DOC = (
 
 
 class ScoreQuery(BaseModel):
-    """`POST /score`'s query parameters, validated as one model: ~0.04 ms of CPU a request less than three separate
-    `Query()` parameters (FastAPI resolves each parameter and dependency anew on every request; docs/service.md)."""
+    """`POST /score`'s query parameters, validated as one model by the route itself (`routes/score.score_query`),
+    which also lists them in OpenAPI: FastAPI resolves each parameter and dependency anew on every request
+    (docs/service.md)."""
 
     heatmaps: bool = Field(True, description="Return base64 heatmaps (see ScoreResult.heatmaps)")
     heatmap_format: HeatmapFormat = Field("png", description="png (lossless, default), or the smaller lossy webp or "

@@ -126,3 +126,14 @@ def test_401_when_keys_are_set(start_service, scan_bytes: bytes) -> None:
         assert c.get("/models", headers={"X-API-Key": "alpha"}).status_code == 200
         for open_path in ("/healthz", "/readyz", "/metrics"):
             assert c.get(open_path).status_code == 200, open_path
+        # /score checks the key itself (routes/score.py); /models through the FastAPI security dependencies. Both
+        # must take and refuse the same headers.
+        for headers in ({}, {"X-API-Key": ""}, {"X-API-Key": "alpha"}, {"x-api-key": "beta"}, {"X-API-Key": "alph"},
+                        {"Authorization": "Bearer beta"}, {"Authorization": "bearer alpha"},
+                        {"Authorization": "BEARER  alpha"}, {"Authorization": "Bearer"},
+                        {"Authorization": "Basic alpha"}, {"Authorization": "alpha"},
+                        {"X-API-Key": "", "Authorization": "Bearer beta"},
+                        {"X-API-Key": "gamma", "Authorization": "Bearer alpha"},
+                        {"X-API-Key": "alpha", "Authorization": "Bearer gamma"}):
+            scored = c.post("/score", files=files, headers=headers, params={"heatmaps": "false"}).status_code
+            assert scored in (200, 401) and scored == c.get("/models", headers=headers).status_code, headers

@@ -16,6 +16,7 @@ from service_helpers import encode, gray16, kermany_files
 from octcore.manifest import load_scorer
 from octcore.preprocess import preprocess, preprocess_gray, to_gray
 from service.heatmaps import heatmap_size
+from service.schemas import ScoreQuery
 
 pytestmark = pytest.mark.slow
 
@@ -126,4 +127,12 @@ def test_operations_endpoints(client: httpx.Client, tiny_model) -> None:
     assert models["device"] == "cpu" and set(models["scores"]) >= {"residual", "alm"}
     schema = client.get("/openapi.json").json()
     assert "ScoreResult" in schema["components"]["schemas"]
-    assert "multipart/form-data" in schema["paths"]["/score"]["post"]["requestBody"]["content"]
+    score = schema["paths"]["/score"]["post"]
+    assert "multipart/form-data" in score["requestBody"]["content"]
+    # The route reads its query and key itself (routes/score.py); its OpenAPI still says what FastAPI would.
+    assert {p["name"]: p["in"] for p in score["parameters"]} == dict.fromkeys(ScoreQuery.model_fields, "query")
+    assert score["parameters"][1]["schema"]["enum"] == ["png", "webp", "jpeg"]
+    schemes = schema["components"]["securitySchemes"]
+    assert score["security"] == [{"HTTPBearer": []}, {"APIKeyHeader": []}]
+    assert schemes["HTTPBearer"]["scheme"] == "bearer" and schemes["APIKeyHeader"]["name"] == "X-API-Key"
+    assert score["security"] == schema["paths"]["/models"]["get"]["security"]
