@@ -47,6 +47,13 @@ def configure(log_format: str, level: str) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    # Neither format shows the caller's file and line, the thread or the process, so records need not collect them:
+    # the switches the logging HOWTO gives for this ("Optimization"). Finding the caller walks the stack on every
+    # record, and every scored request writes one (its audit line).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
 
 
 def audit(**fields: Any) -> None:

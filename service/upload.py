@@ -2,12 +2,14 @@
 
 `request.body()` keeps every received chunk and then joins them: two copies of the body at the peak. Here the
 chunks stream into a spooled temporary file (memory up to OCT_UPLOAD_SPOOL_BYTES, disk beyond) and are read back
-once. Size limits and the bytes-in-flight budget are enforced while the body streams in (service.middleware.BodyLimit).
+once. A body that arrives in one chunk (a B-scan over loopback or a LAN usually does) is that chunk, unspooled.
+Size limits and the bytes-in-flight budget are enforced while the body streams in (service.middleware.BodyLimit).
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import AsyncIterator
 
 from starlette.requests import Request
 
@@ -17,11 +19,26 @@ from service.settings import Settings
 
 async def read_body(request: Request, settings: Settings) -> bytes:
     """The whole body as one bytes object; 400 when it is empty."""
+    stream = request.stream()
+    first = await _next_chunk(stream)
+    second = await _next_chunk(stream)
+    if not second:
+        if not first:
+            raise BadRequest("empty request body")
+        return first
     with tempfile.SpooledTemporaryFile(max_size=settings.upload_spool_bytes) as spool:
-        async for chunk in request.stream():
+        spool.write(first)
+        spool.write(second)
+        async for chunk in stream:
             spool.write(chunk)
         size = spool.tell()
-        if not size:
-            raise BadRequest("empty request body")
         spool.seek(0)
         return spool.read(size)
+
+
+async def _next_chunk(stream: AsyncIterator[bytes]) -> bytes:
+    """The next non-empty chunk (the ASGI server may send empty ones), or b"" at the end."""
+    async for chunk in stream:
+        if chunk:
+            return chunk
+    return b""
