@@ -36,8 +36,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
         yield
         await eng.stop()  # uvicorn calls this after in-flight requests finished; the batcher drains what is left
 
+    # FastAPI's own OpenTelemetry bridge stays off: its log records carry exception messages unscrubbed (a DICOM
+    # error can quote patient data; docs/security.md), and it looks up three global providers on every request. The
+    # service's telemetry is its Prometheus metrics and its scrubbed JSON log.
     app = FastAPI(title="OCT anomaly scoring", version="1", lifespan=lifespan,
-                  description="VQ-VAE anomaly scores, decisions and heatmaps for retinal OCT B-scans.")
+                  description="VQ-VAE anomaly scores, decisions and heatmaps for retinal OCT B-scans.",
+                  telemetry={"tracing": False, "metrics": False, "logs": False})
     app.state.settings = settings
     app.state.metrics = metrics_
     app.state.engine = None
