@@ -122,7 +122,7 @@ def _paint_border_padding(bright: np.ndarray, out: np.ndarray, fill: float) -> N
     left = _grow(_run_length(bright, 1))
     right = _grow(_run_length(bright[:, ::-1], 1))
     for runs, along in ((top, 0), (bottom, 0), (left, 1), (right, 1)):
-        lines = np.flatnonzero(runs)  # painted only between the first and last line that has a run
+        lines = runs.nonzero()[0]  # painted only between the first and last line that has a run
         if not lines.size:
             continue
         a, b = int(lines[0]), int(lines[-1]) + 1
@@ -153,10 +153,10 @@ def _run_length(mask: np.ndarray, axis: int) -> np.ndarray:
     """Number of leading True values along `axis` (the whole length when all are True)."""
     if axis == 1:  # rows are contiguous: gather the few whose first pixel is saturated
         runs = np.zeros(mask.shape[0], dtype=np.int64)
-        rows = np.flatnonzero(mask[:, 0])
+        rows = mask[:, 0].nonzero()[0]
         if rows.size:
             sub = mask[rows]
-            runs[rows] = np.where(sub.all(axis=1), mask.shape[1], np.argmin(sub, axis=1))
+            runs[rows] = np.where(sub.all(axis=1), mask.shape[1], sub.argmin(axis=1))
         return runs
     if not mask[0].any():
         return np.zeros(mask.shape[1], dtype=np.int64)
@@ -165,7 +165,7 @@ def _run_length(mask: np.ndarray, axis: int) -> np.ndarray:
     while True:
         full = mask[:k].all(axis=0)
         if k == n or not full.any():
-            return np.where(full, k, np.argmin(mask[:k], axis=0))
+            return np.where(full, k, mask[:k].argmin(axis=0))
         k = min(n, 4 * k)
 
 
@@ -190,17 +190,18 @@ def _kept_span(bright: np.ndarray, axis: int, fraction: float) -> tuple[int, int
     Only lines from each end inwards are counted, 16 at a time, until a kept one is found: the answer depends on
     nothing else, and margins are a few lines while images are hundreds."""
     n, length = bright.shape[axis], bright.shape[1 - axis]
-    ones = np.ones(length, np.float32)
+    ones = _ones(length)
 
-    def margin(a: int, b: int) -> np.ndarray:
+    def kept_lines(a: int, b: int) -> np.ndarray:
+        """Indices (from a) of the lines a..b-1 that are not margin."""
         # Counts over the length as a matrix-vector product (half the time of a sum down strided columns; whole
         # numbers below 2**24, so exact in float32), divided in float64: exactly what `bright.mean(...)` gives.
         counts = bright[a:b] @ ones if axis == 0 else ones @ bright[:, a:b]
-        return counts / np.float64(length) >= fraction
+        return (counts / np.float64(length) < fraction).nonzero()[0]
 
     lo, a = None, 0
     while lo is None and a < n:
-        kept = np.flatnonzero(~margin(a, min(n, a + 16)))
+        kept = kept_lines(a, min(n, a + 16))
         lo = a + int(kept[0]) if kept.size else None
         a += 16
     if lo is None:
@@ -208,10 +209,17 @@ def _kept_span(bright: np.ndarray, axis: int, fraction: float) -> tuple[int, int
     b = n
     while True:  # terminates: line `lo` is kept
         a = max(lo, b - 16)
-        kept = np.flatnonzero(~margin(a, b))
+        kept = kept_lines(a, b)
         if kept.size:
             return lo, a + int(kept[-1]) + 1
         b = a
+
+
+@functools.lru_cache(maxsize=64)
+def _ones(n: int) -> np.ndarray:
+    ones = np.ones(n, np.float32)
+    ones.flags.writeable = False  # shared between calls
+    return ones
 
 
 def gray_pixels(image: Image.Image) -> np.ndarray:
