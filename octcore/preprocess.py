@@ -100,40 +100,40 @@ def fill_border_padding(gray: np.ndarray, cfg: Preprocessing) -> np.ndarray:
     """Paint saturated pixels that connect straight to an image edge (along their row or column) with `margin_fill`,
     and the 2 pixels around them (JPEG ringing leaves a bright fringe along a wedge's edge). Float in, float out."""
     bright = _bright(gray, cfg)
-    if not _touches_border(bright):
+    edges = _border_edges(bright)
+    if not any(edges):
         return gray
     out = gray.copy()
-    _paint_border_padding(bright, out, cfg.margin_fill)
+    _paint_border_padding(bright, out, cfg.margin_fill, edges)
     return out
 
 
-def _touches_border(bright: np.ndarray) -> bool:
-    # Nothing saturated on the border is the common case, and the cheap one.
-    return bool(bright[0].any() or bright[-1].any() or bright[:, 0].any() or bright[:, -1].any())
+def _border_edges(bright: np.ndarray) -> tuple[bool, bool, bool, bool]:
+    """Whether the top, bottom, left and right border lines hold a saturated pixel. None do in the common case, the
+    cheap one; only an edge that does can have padding to paint."""
+    return bool(bright[0].any()), bool(bright[-1].any()), bool(bright[:, 0].any()), bool(bright[:, -1].any())
 
 
-def _paint_border_padding(bright: np.ndarray, out: np.ndarray, fill: float) -> None:
-    """Paint, in place, the padding `bright` (the saturation mask of `out`) shows: see `fill_border_padding`."""
-    h, w = bright.shape
+def _paint_border_padding(bright: np.ndarray, out: np.ndarray, fill: float,
+                          edges: tuple[bool, bool, bool, bool]) -> None:
+    """Paint, in place, the padding `bright` (the saturation mask of `out`) shows at the `edges` that have some (see
+    `_border_edges`): see `fill_border_padding`."""
     # Each edge's saturated runs, grown by 2 px in the L1 sense (two 4-neighbour dilations), painted on the slab of
-    # rows/columns they can reach: one vector per edge instead of whole-image masks.
-    top = _grow(_run_length(bright, 0))
-    bottom = _grow(_run_length(bright[::-1], 0))
-    left = _grow(_run_length(bright, 1))
-    right = _grow(_run_length(bright[:, ::-1], 1))
-    for runs, along in ((top, 0), (bottom, 0), (left, 1), (right, 1)):
-        lines = runs.nonzero()[0]  # painted only between the first and last line that has a run
-        if not lines.size:
+    # rows/columns they can reach: one vector per edge instead of whole-image masks. Flipped views make every edge
+    # the top (axis 0) or the left (axis 1). The runs all come from `bright`, so painting one edge changes no other.
+    views = ((bright, out, 0), (bright[::-1], out[::-1], 0), (bright, out, 1), (bright[:, ::-1], out[:, ::-1], 1))
+    for (mask, view, along), touches in zip(views, edges, strict=True):
+        if not touches:
             continue
+        runs = _grow(_run_length(mask, along))
+        lines = runs.nonzero()[0]  # painted only between the first and last line that has a run
         a, b = int(lines[0]), int(lines[-1]) + 1
-        depth = min(int(runs[a:b].max()), out.shape[along])
+        depth = min(int(runs[a:b].max()), view.shape[along])
         inward = np.arange(depth)  # distance from the edge
         if along == 0:
-            slab = out[:depth, a:b] if runs is top else out[h - depth:, a:b][::-1]
-            slab[inward[:, None] < runs[None, a:b]] = fill
+            view[:depth, a:b][inward[:, None] < runs[None, a:b]] = fill
         else:
-            slab = out[a:b, :depth] if runs is left else out[a:b, w - depth:][:, ::-1]
-            slab[inward[None, :] < runs[a:b, None]] = fill
+            view[a:b, :depth][inward[None, :] < runs[a:b, None]] = fill
 
 
 def _bright(gray: np.ndarray, cfg: Preprocessing) -> np.ndarray:
@@ -158,8 +158,6 @@ def _run_length(mask: np.ndarray, axis: int) -> np.ndarray:
             sub = mask[rows]
             runs[rows] = np.where(sub.all(axis=1), mask.shape[1], sub.argmin(axis=1))
         return runs
-    if not mask[0].any():
-        return np.zeros(mask.shape[1], dtype=np.int64)
     n = mask.shape[0]
     k = min(n, 32)  # columns are strided: look at a few rows first, more only where a column is saturated throughout
     while True:
@@ -171,8 +169,6 @@ def _run_length(mask: np.ndarray, axis: int) -> np.ndarray:
 
 def _grow(runs: np.ndarray, by: int = 2) -> np.ndarray:
     """Run lengths after dilating the runs by `by` px in L1: a neighbour d columns away reaches `by - d` further."""
-    if not runs.any():
-        return runs
     reach = np.where(runs > 0, runs + by, 0)
     grown = reach.copy()
     n = runs.size
@@ -231,7 +227,8 @@ def gray_pixels(image: Image.Image) -> np.ndarray:
 def preprocess_gray(gray: np.ndarray, cfg: Preprocessing) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """Gray (H, W), float [0, 1] or uint8, → model input float32 (size, size), plus the crop box in input pixels."""
     cropped, box, bright = _crop(gray, cfg)
-    touches = _touches_border(bright)  # the saturation mask comes from the crop step (on uint8, a quarter the bytes)
+    edges = _border_edges(bright)  # the saturation mask comes from the crop step (on uint8, a quarter the bytes)
+    touches = any(edges)
     fill = _fill_level(cfg.margin_fill)
     # Painted and resized in 0..255 units, the normalisation ((x / 255) - mean) / std folded into the resize. Float
     # pixels are scaled up to the same units, so v / 255 from a DICOM frame and v from a JPEG give bit-identical
@@ -242,12 +239,12 @@ def preprocess_gray(gray: np.ndarray, cfg: Preprocessing) -> tuple[np.ndarray, t
         x = cropped
         if touches:
             x = cropped.copy()  # the caller's pixels are never painted
-            _paint_border_padding(bright, x, fill)
+            _paint_border_padding(bright, x, fill, edges)
     else:  # float pixels, or a fill between two 8-bit levels: a float copy in 0..255 units, painted
         x = (cropped.astype(np.float32) if cropped.dtype == np.uint8
              else np.multiply(cropped, np.float32(255.0), dtype=np.float32))
         if touches:
-            _paint_border_padding(bright, x, float(np.float32(cfg.margin_fill) * np.float32(255.0)))
+            _paint_border_padding(bright, x, float(np.float32(cfg.margin_fill) * np.float32(255.0)), edges)
     return _resize(x, cfg), box
 
 

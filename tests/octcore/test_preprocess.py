@@ -166,6 +166,21 @@ def test_vectorised_steps_equal_the_reference(seed: int) -> None:
     np.testing.assert_array_equal(fill_border_padding(f32, cfg), reference_fill(f32, cfg))
 
 
+@pytest.mark.parametrize("edge", ["top", "bottom", "left", "right"])
+def test_padding_at_one_edge_alone_is_painted_there(edge: str) -> None:
+    """Only edges with a saturated border pixel are painted (`_border_edges`): one wedged edge at a time."""
+    a = np.random.default_rng(5).integers(0, 200, size=(60, 80), dtype=np.uint8)
+    wedge = {"top": (slice(0, 9), slice(20, 31)), "bottom": (slice(-12, None), slice(50, 53)),
+             "left": (slice(10, 40), slice(0, 4)), "right": (slice(3, 5), slice(-30, None))}[edge]
+    a[wedge] = 255
+    a[30, 40] = 255  # saturated, but inside: never painted
+    f32 = a.astype(np.float32) / 255.0
+    got = fill_border_padding(f32, CFG)
+    np.testing.assert_array_equal(got, reference_fill(f32, CFG))
+    assert (got != f32).sum() > (a == 255).sum() - 1  # the wedge and its 2-px fringe
+    assert got[30, 40] == f32[30, 40]
+
+
 def test_training_reader_and_service_input_agree_on_real_scans() -> None:
     """`preprocess` (training, evaluation, export calibration) and `preprocess_gray` on 8-bit pixels (the service)
     give the same array, equal to the reference implementation."""
