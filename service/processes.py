@@ -41,7 +41,7 @@ log = logging.getLogger("oct.processes")
 # Per-process states in the shared array (slot 0 holds the drain flag).
 STARTING, LOADED, READY = 0, 1, 2
 # After closing the listener: time for connections taken from the backlog to deliver their request bytes before
-# uvicorn's shutdown closes connections that have sent nothing (it treats those as idle keep-alives).
+# uvicorn's shutdown begins (DrainingHttpToolsProtocol then gives a request still on its way up to 5 s more).
 _LINGER_S = 0.3
 
 
@@ -101,6 +101,35 @@ class CloseWhenDraining:
             await send(message)
 
         await self.app(scope, receive, send_closing)
+
+
+class DrainingHttpToolsProtocol(CoalescingHttpToolsProtocol):
+    """uvicorn's shutdown closes every connection that has no request in progress: also one accepted a moment before
+    whose request is still on its way, or half received, and that client sees a reset although nothing refused it.
+    Here such a connection keeps uvicorn's keep-alive timeout (5 s) for its request to arrive, which is then answered
+    with `Connection: close` (CloseWhenDraining); one that stays silent is closed then. Connections idle between
+    requests are closed at once, as before."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._request_due = True  # a client opens a connection to send a request on it
+
+    def on_message_begin(self) -> None:
+        self._request_due = True
+        super().on_message_begin()
+
+    def on_response_complete(self) -> None:
+        self._request_due = False
+        super().on_response_complete()
+
+    def shutdown(self) -> None:
+        between_requests = self.cycle is None or self.cycle.response_complete
+        if between_requests and self._request_due and not self.transport.is_closing():
+            self._unset_keepalive_if_required()  # bytes arriving cancel this again (uvicorn's data_received)
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                self.timeout_keep_alive_handler)
+            return
+        super().shutdown()
 
 
 class DrainingServer(uvicorn.Server):
@@ -187,7 +216,7 @@ def serve_one(settings: Settings, engine: Any, sock: socket.socket, state: Servi
     app = create_app(settings, engine=engine, serving=state)
     # log_config=None keeps our handlers; the audit line replaces uvicorn's access log.
     config = uvicorn.Config(CloseWhenDraining(app, state), log_config=None, access_log=False,
-                            http=CoalescingHttpToolsProtocol,
+                            http=DrainingHttpToolsProtocol,
                             log_level=settings.log_level.lower(), timeout_graceful_shutdown=settings.drain_timeout_s)
     # uvicorn re-raises the stop signal to the handler that was there before it started; this one turns that into
     # exit status 0, so a graceful stop does not look like a crash to a supervisor.

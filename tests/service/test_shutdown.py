@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import signal
+import socket
 import threading
 import time
 
@@ -119,3 +120,36 @@ def test_drain_keeps_answering_for_the_delay_and_resets_no_connection(start_serv
     assert "reset" not in kinds, kinds.count("reset")
     assert set(kinds) <= {"200", "refused"}, sorted(set(kinds))
     assert kinds.count("200") >= 10
+
+
+def _recv_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_a_request_still_on_its_way_at_shutdown_is_answered(start_service, scan_bytes: bytes) -> None:
+    """Connections accepted before the listener closed: one whose request had not arrived when uvicorn's shutdown
+    began, and one half received then, are answered (with Connection: close); an idle keep-alive one is closed at
+    once, and one that never sends anything after the keep-alive timeout."""
+    svc = start_service(OCT_DRAIN_DELAY_S="0.3")
+    request = (b"POST /score?heatmaps=false HTTP/1.1\r\nHost: t\r\nContent-Type: image/jpeg\r\n"
+               b"Content-Length: %d\r\n\r\n" % len(scan_bytes)) + scan_bytes
+    silent, late, half, idle = (socket.create_connection(("127.0.0.1", svc.port), timeout=30) for _ in range(4))
+    half.sendall(request[:40])
+    idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert idle.recv(65536).startswith(b"HTTP/1.1 200")
+    time.sleep(0.3)  # every connection accepted
+    started = time.monotonic()
+    svc.proc.send_signal(signal.SIGTERM)
+    time.sleep(1.5)  # the listener closed at 0.3 s, uvicorn's shutdown began at ~0.6 s
+    assert idle.recv(65536) == b""  # closed: it was between requests
+    late.sendall(request)
+    half.sendall(request[40:])
+    for sock in (late, half):
+        answer = _recv_all(sock)
+        assert answer.startswith(b"HTTP/1.1 200") and b"\r\nconnection: close\r\n" in answer.lower(), answer[:200]
+    assert _recv_all(silent) == b""  # closed after uvicorn's keep-alive timeout (5 s), nothing sent, nothing lost
+    assert svc.proc.wait(30) == 0
+    assert time.monotonic() - started < 15
