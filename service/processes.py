@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import multiprocessing
 import os
@@ -214,6 +215,11 @@ def serve_one(settings: Settings, engine: Any, sock: socket.socket, state: Servi
     from service.main import create_app
 
     app = create_app(settings, engine=engine, serving=state)
+    # Everything allocated so far (torch, the model, FastAPI's and pydantic's schemas: ~460,000 tracked objects) lives
+    # as long as the process. Left to the collector, each full collection walked all of it: ~190 ms with the event
+    # loop stopped, every ~10 s under load (2 % of the CPU, and every request in flight 190 ms late). Frozen, they are
+    # skipped; a full collection of what serving allocates takes ~1 ms (gc.callbacks, docs/service.md).
+    gc.freeze()
     # log_config=None keeps our handlers; the audit line replaces uvicorn's access log.
     config = uvicorn.Config(CloseWhenDraining(app, state), log_config=None, access_log=False,
                             http=DrainingHttpToolsProtocol,

@@ -7,6 +7,8 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
@@ -61,3 +63,28 @@ def test_a_dead_worker_is_replaced_and_the_service_stops_cleanly(start_service, 
     assert len(dirs) == 1 and os.path.isdir(dirs[0])
     assert svc.stop() == 0
     assert not os.path.exists(dirs[0])  # the supervisor removes PROMETHEUS_MULTIPROC_DIR
+
+
+def test_a_serving_process_freezes_its_start_up_heap(tiny_model) -> None:
+    """`serve_one` moves what start-up allocated (torch, the model, the app) out of the collector's reach before it
+    serves, so a full collection does not stop the event loop to walk it (docs/service.md)."""
+    code = f"""
+import gc, socket
+from service import processes
+from service.engine import Engine
+from service.metrics import Metrics
+from service.settings import Settings
+processes.DrainingServer.run = lambda self, sockets=None: None  # everything before serving, then return
+settings = Settings(model_store={str(tiny_model.store)!r}, model_name={tiny_model.name!r}, device="cpu")
+engine = Engine.load(settings, Metrics())
+sock = socket.socket()
+sock.bind(("127.0.0.1", 0))
+before = gc.get_freeze_count()
+processes.serve_one(settings, engine, sock, processes.ServingState())
+print(before, gc.get_freeze_count(), len(gc.get_objects()))
+"""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, frozen, tracked = map(int, out.stdout.split()[-3:])
+    assert before == 0 and frozen > 100_000 and tracked < frozen // 10, (before, frozen, tracked)
