@@ -2,7 +2,7 @@
 
 `request.body()` keeps every received chunk and then joins them: two copies of the body at the peak. Here the
 chunks stream into a spooled temporary file (memory up to OCT_UPLOAD_SPOOL_BYTES, disk beyond) and are read back
-once. A body that arrives in one chunk (a B-scan over loopback or a LAN usually does) is that chunk, unspooled.
+once. A body that arrives in one chunk (a B-scan over loopback does) is returned as that chunk, unspooled.
 Size limits and the bytes-in-flight budget are enforced while the body streams in (service.middleware.BodyLimit).
 """
 
