@@ -40,38 +40,32 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 
 
 # The two ways to send a key, as OpenAPI security schemes (Swagger UI's "Authorize" fills them in). Both optional
-# here: `require_api_key` decides, because with no OCT_API_KEYS on loopback no key is needed at all.
+# here: `authorize` decides, because with no OCT_API_KEYS on loopback no key is needed at all.
 _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`, a key from OCT_API_KEYS")
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-Key: <key>`, instead")
 
 
 async def require_api_key(
     request: Request,
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    x_api_key: Annotated[str | None, Depends(_api_key_header)],
+    _bearer_scheme: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    _key_scheme: Annotated[str | None, Depends(_api_key_header)],
 ) -> None:
-    offered = x_api_key if x_api_key is not None else bearer.credentials if bearer is not None else None
-    check_api_key(request.app.state.settings, offered)  # settings from app.state: not a sub-dependency per request
+    """The key check as a dependency. The two scheme parameters put the security schemes in OpenAPI; the key itself
+    is read by `authorize`, the one reading of it, which `POST /score` calls directly."""
+    authorize(request)
 
 
 def authorize(request: Request) -> None:
-    """`require_api_key`, called by a route rather than solved as a dependency, for the one hot path (`POST /score`):
-    the same headers read the way the two security schemes read them (`X-API-Key` first, then a non-empty
-    `Authorization: Bearer`). Its OpenAPI operation names the same schemes (routes/score.py)."""
-    settings: Settings = request.app.state.settings
+    """401 unless the request carries one of OCT_API_KEYS (or none are set): `X-API-Key`, else a non-empty
+    `Authorization: Bearer`, read the way the two security schemes read them. The hot path (`POST /score`) calls
+    this instead of having FastAPI solve the dependency per request; its OpenAPI names the same schemes."""
+    settings: Settings = request.app.state.settings  # not a sub-dependency: this runs on every request
     if not settings.api_keys:
         return
     offered = request.headers.get("x-api-key") or None  # an empty header counts as none, as in APIKeyHeader
     if offered is None:
         scheme, credentials = get_authorization_scheme_param(request.headers.get("authorization"))
         offered = credentials if scheme.lower() == "bearer" and credentials else None
-    check_api_key(settings, offered)
-
-
-def check_api_key(settings: Settings, offered: str | None) -> None:
-    """401 unless `offered` is one of OCT_API_KEYS (or none are set)."""
-    if not settings.api_keys:
-        return
     if offered is None:
         raise Unauthorized("send `Authorization: Bearer <key>` or `X-API-Key: <key>`",
                            headers={"WWW-Authenticate": "Bearer"})
