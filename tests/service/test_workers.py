@@ -13,6 +13,7 @@ import time
 
 import httpx
 import pytest
+from service_helpers import ROOT
 from test_metrics import burst, value
 
 pytestmark = pytest.mark.slow
@@ -83,8 +84,7 @@ before = gc.get_freeze_count()
 processes.serve_one(settings, engine, sock, processes.ServingState())
 print(before, gc.get_freeze_count(), len(gc.get_objects()))
 """
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     before, frozen, tracked = map(int, out.stdout.split()[-3:])
     assert before == 0 and frozen > 100_000 and tracked < frozen // 10, (before, frozen, tracked)
