@@ -1,9 +1,11 @@
 """Durable outbox of result objects and their delivery to the PACS by STOW-RS.
 
 Files first, network second: a result is stored completely in the outbox (service/dicom/outbox.py) before it is
-pending. The worker claims due results from the outbox's index, POSTs them to `OCT_PACS_STOW_URL` (basic auth from
-OCT_PACS_USERNAME/PASSWORD, or a bearer OCT_PACS_TOKEN) and records each attempt for the revision it sent; on
-start-up it picks up everything still pending, so a restart loses nothing.
+pending. Every process runs a worker, but only the one whose outbox holds the folder's delivery lock delivers (the
+others try to take it over every POLL_S, so a process that stops or dies is replaced within a second or so). That
+worker claims due results from the outbox's index, renews an item's claim just before sending it, POSTs it to
+`OCT_PACS_STOW_URL` (basic auth from OCT_PACS_USERNAME/PASSWORD, or a bearer OCT_PACS_TOKEN) and records each attempt
+for the revision and claim it sent; on start-up it picks up everything still pending, so a restart loses nothing.
 
 Retry policy: a PACS that is unreachable, times out, or answers 408/429/5xx is retried forever, with exponential
 backoff OCT_PACS_RETRY_BACKOFF_S × 2^(attempt−1) capped at MAX_BACKOFF_S; the results wait on disk. A PACS that
@@ -30,6 +32,9 @@ log = logging.getLogger("oct.pacs")
 MAX_BACKOFF_S = 300.0
 _TRANSIENT_STATUS = {408, 425, 429}
 CLAIM_BATCH = 32
+# How often a worker that does not deliver tries to take over, and how often the one that delivers looks for results
+# that other processes stored (their notify() wakes only their own worker).
+POLL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -76,37 +81,53 @@ class DeliveryWorker:
         self._stopping = True
         self._wake.set()
 
+    @property
+    def lease_s(self) -> float:
+        """How long a claim lasts: it outlives one attempt, renewed before each send."""
+        return self.target.timeout_s * 2 + 10
+
     async def run(self) -> None:
         async with self.target.client() as client:
-            while not self._stopping:
-                try:
-                    wait_s = await self._deliver_due(client)
-                except Exception as e:  # never let the loop die: a broken record must not stop the others
-                    log.error("delivery loop error: %s: %s", type(e).__name__, e)
-                    wait_s = 5.0
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=wait_s)
+            try:
+                while not self._stopping:
+                    wait_s = POLL_S
+                    try:
+                        if self.outbox.owns or await asyncio.to_thread(self.outbox.try_own):
+                            wait_s = await self._deliver_due(client)
+                    except Exception as e:  # never let the loop die: a broken record must not stop the others
+                        log.error("delivery loop error: %s: %s", type(e).__name__, e)
+                        wait_s = 5.0
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), timeout=wait_s)
+            finally:
+                # Hand delivery over now rather than at process exit: another process's worker takes it at its next try.
+                await asyncio.to_thread(self.outbox.disown)
 
     async def _deliver_due(self, client: httpx.AsyncClient) -> float:
         """Deliver every due result; return how long to sleep before the next one is due."""
-        # A claim outlives one attempt, so a second process's worker never sends the same result meanwhile.
-        lease_s = self.target.timeout_s * 2 + 10
         while not self._stopping:
-            batch = await asyncio.to_thread(self.outbox.claim_due, time.time(), lease_s, CLAIM_BATCH)
+            batch = await asyncio.to_thread(self.outbox.claim_due, time.time(), self.lease_s, CLAIM_BATCH)
             for due in batch:
                 if self._stopping:
                     # Give the claim back: the next start (or another process) delivers it without waiting.
-                    await asyncio.to_thread(self.outbox.update_delivery, due.uid, due.delivery, due.revision)
+                    await asyncio.to_thread(self.outbox.update_delivery, due.uid, due.delivery, due.revision, due.claim)
                     continue
                 await self.deliver(client, due)
             if len(batch) < CLAIM_BATCH:
                 break
         next_at = await asyncio.to_thread(self.outbox.next_due)
-        return 60.0 if next_at is None else min(60.0, max(0.0, next_at - time.time()))
+        return POLL_S if next_at is None else min(POLL_S, max(0.0, next_at - time.time()))
 
-    async def deliver(self, client: httpx.AsyncClient, due: Due) -> Delivery:
+    async def deliver(self, client: httpx.AsyncClient, due: Due) -> Delivery | None:
+        """Send one claimed result and record the outcome; None when the claim was no longer this worker's."""
         uid = due.uid
+        # A batch is sent one result after another: the claim of this one is renewed now, so it cannot run out
+        # while the results before it were on the wire, and one that is no longer ours is not sent.
+        if not await asyncio.to_thread(self.outbox.renew, due, time.time(), self.lease_s):
+            log.warning("results of %s changed since they were claimed (replaced or claimed elsewhere); not sent "
+                        "under this claim", uid)
+            return None
         record = await asyncio.to_thread(self.outbox.get, uid)
         bodies = []
         for inst in record.instances if record is not None else []:
@@ -134,9 +155,10 @@ class DeliveryWorker:
             d.last_error, d.next_attempt_at = error, now + self.target.backoff(d.attempts)
             log.warning("delivery of %s failed (attempt %d, next in %.0f s): %s", uid, d.attempts,
                         d.next_attempt_at - now, error)
-        # Only for the revision that was sent: a result re-sent meanwhile stays pending with its new bytes.
-        if not await asyncio.to_thread(self.outbox.update_delivery, uid, d, due.revision):
-            log.info("results of %s were replaced during delivery; the new revision stays pending", uid)
+        # Only for the revision and claim that were sent: a result re-sent meanwhile stays pending with its new bytes.
+        if not await asyncio.to_thread(self.outbox.update_delivery, uid, d, due.revision, due.claim):
+            log.warning("results of %s changed during delivery (replaced, or claimed elsewhere); the outcome of this "
+                        "attempt is not recorded", uid)
         return d
 
 

@@ -4,23 +4,35 @@ Files: `root/<source SOP Instance UID>/{record.json, sr.dcm, sc.dcm}`, written i
 into place, so a folder is always complete. Index: `root/index.sqlite3`, one row per result with its delivery state,
 so a delivery wake and a listing cost what they return, not what the outbox holds.
 
-Each `put` gets a new `revision`. The row first records the revision being written (`writing`), then the folder is
-renamed into place, then the row takes the revision and becomes pending. A delivery updates the row only if the
-revision it sent is still the row's, so a result re-sent while its old bytes were on the wire is never marked
-delivered with them. A crash at any step loses nothing: on open, a row still `writing` is settled from the
-folder's record.json, and an index that is missing is rebuilt from the folders.
+Each `put` gets a new `revision`. The row first records the revision being written (`writing`) and who writes it
+(`writer`), then the folder is renamed into place, then the row takes the revision and becomes pending. A delivery
+updates the row only if the revision it sent is still the row's and its claim is still the row's, so a result re-sent
+while its old bytes were on the wire is never marked delivered with them.
+
+Several processes may open one folder (`OCT_WORKERS`). Each open `Outbox` is a *writer* with a name
+(`<pid>-<random>`) and an exclusive flock on `root/.writers/<name>`, held while it is open: the kernel drops it when
+the process dies, so "is this writer alive" is one non-blocking flock away, whatever pid the system hands out next.
+A writer's temporary folders carry its name, and a crash's leftovers (its temporary folders, its rows still
+`writing`) are recovered only once its lock is free, never while it may still be writing them. Delivery has one owner
+per folder: the `Outbox` that holds the flock on `root/.delivery.lock` (`try_own`); another process's worker takes
+over when that process stops or dies.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
+import logging
 import os
+import re
 import shutil
 import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,18 +41,28 @@ from pydicom.dataset import Dataset
 from service.dicom.results import is_uid
 from service.dicom.schemas import Delivery, ResultRecord
 
+log = logging.getLogger("oct.pacs")
+
 RECORD = "record.json"
 INDEX = "index.sqlite3"
+WRITERS = ".writers"
+WRITE_LOCK = ".write.lock"
+DELIVERY_LOCK = ".delivery.lock"
+_WRITER = re.compile(r"^[0-9]+-[0-9a-f]{12}$")
+_TMP = re.compile(r"^\.tmp-([0-9]+-[0-9a-f]{12})-[0-9a-f]{16}$")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
     uid TEXT PRIMARY KEY, study TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL DEFAULT 0,
     revision TEXT, writing TEXT, status TEXT NOT NULL DEFAULT 'pending', attempts INTEGER NOT NULL DEFAULT 0,
-    last_error TEXT, next_attempt_at REAL, delivered_at REAL, score REAL, is_anomalous INTEGER);
+    last_error TEXT, next_attempt_at REAL, delivered_at REAL, score REAL, is_anomalous INTEGER,
+    writer TEXT, claim TEXT);
 CREATE INDEX IF NOT EXISTS results_due ON results (status, next_attempt_at);
 CREATE INDEX IF NOT EXISTS results_created ON results (created_at);
 CREATE INDEX IF NOT EXISTS results_study ON results (study, created_at);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
+# Columns an index written by an older version lacks; added on open.
+_ADDED_COLUMNS = ("writer", "claim")
 
 
 def dicom_bytes(ds: Dataset) -> bytes:
@@ -64,14 +86,24 @@ class Due:
     uid: str
     revision: str
     delivery: Delivery
+    claim: str | None = None
 
 
 class Outbox:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        for stale in self.root.glob(".tmp-*"):  # a crash mid-write or mid-purge leaves only these
-            shutil.rmtree(stale, ignore_errors=True)
+        self._writers = self.root / WRITERS
+        self._writers.mkdir(exist_ok=True)
+        self.writer = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self._writer_fd = self._register()
+        self._closed = False
+        # Folder swaps and the `writing` marks of the rows are serialised across threads (the lock) and processes
+        # (the flock on a descriptor of this instance's own: flock is per open file, not per thread).
+        self._write_lock = threading.Lock()
+        self._write_fd = os.open(self.root / WRITE_LOCK, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o644)
+        self._owner_fd = os.open(self.root / DELIVERY_LOCK, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o644)
+        self._owns = False
         # One connection, serialised by a lock: calls come from worker threads (asyncio.to_thread). Other
         # processes on the same folder are serialised by sqlite itself.
         self._db = sqlite3.connect(self.root / INDEX, check_same_thread=False, isolation_level=None, timeout=30)
@@ -80,10 +112,17 @@ class Outbox:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # a committed delivery state survives power loss
             self._db.executescript(_SCHEMA)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(results)")}
+            for column in _ADDED_COLUMNS:
+                if column not in columns:
+                    with contextlib.suppress(sqlite3.OperationalError):  # another process added it first
+                        self._db.execute(f"ALTER TABLE results ADD COLUMN {column} TEXT")
+            self._db.execute("CREATE INDEX IF NOT EXISTS results_writing ON results (writer) "
+                             "WHERE writing IS NOT NULL")
             built = self._db.execute("SELECT value FROM meta WHERE key='built'").fetchone()
         if built is None:
             self._rebuild()
-        self._recover()
+        self._reap_dead()
 
     # --- files ------------------------------------------------------------------------------------------------
 
@@ -104,33 +143,64 @@ class Outbox:
         uid = record.source_sop_instance_uid
         final = self.path(uid)
         revision = uuid.uuid4().hex
-        self._exec("INSERT INTO results (uid, writing) VALUES (?, ?) "
-                   "ON CONFLICT(uid) DO UPDATE SET writing=excluded.writing", (uid, revision))
-        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
-        tmp.mkdir()
-        for name, data in files.items():
-            _write_synced(tmp / name, data)
-        _write_synced(tmp / RECORD, json.dumps({**record.model_dump(mode="json"), "revision": revision}).encode())
-        old = None
-        if final.exists():
-            old = self.root / f".tmp-{uuid.uuid4().hex}"
-            final.rename(old)
-        tmp.rename(final)
-        _sync_dir(self.root)
+        with self._exclusive():
+            self._exec("INSERT INTO results (uid, writing, writer) VALUES (?, ?, ?) ON CONFLICT(uid) DO UPDATE "
+                       "SET writing=excluded.writing, writer=excluded.writer", (uid, revision, self.writer))
+        tmp, old = self._tmp(), None
+        try:
+            tmp.mkdir()
+            for name, data in files.items():
+                _write_synced(tmp / name, data)
+            _write_synced(tmp / RECORD, json.dumps({**record.model_dump(mode="json"), "revision": revision}).encode())
+            with self._exclusive():
+                if final.exists():
+                    old = self._tmp()
+                    final.rename(old)
+                try:
+                    tmp.rename(final)
+                except BaseException:
+                    if old is not None and not final.exists():
+                        old.rename(final)  # the older result stands
+                        old = None
+                    raise
+                _sync_dir(self.root)
+                if not self._settle(uid, revision, record):
+                    raise RuntimeError(f"the index row of {uid} vanished while its result was stored")
+        except BaseException:
+            # Left as a crash would leave it, and recovered the same way, now: the folder on disk decides.
+            shutil.rmtree(tmp, ignore_errors=True)
+            with self._exclusive():
+                self._resolve(uid, revision, self.writer)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        self._settle(uid, revision, record)
         return revision
 
-    def _settle(self, uid: str, revision: str, record: ResultRecord) -> None:
-        """The folder of `revision` is in place: the row takes it, with a fresh delivery state."""
+    def _settle(self, uid: str, revision: str, record: ResultRecord,
+                mark: tuple[str, str | None] | None = None) -> bool:
+        """The folder of `revision` is in place (the write lock is held): the row takes it, pending afresh.
+
+        From `put` (no `mark`), the row's `writing` mark is cleared only if it is this revision's: a newer `put` of
+        the same instance that marked the row meanwhile swaps its own folder in next. In recovery, `mark` is the
+        (writing, writer) the row must still carry: a row that another process settled or marked again since is not
+        ours to settle. Returns whether the row was updated."""
         d = record.delivery
-        self._exec("UPDATE results SET revision=?, writing=NULL, study=?, created_at=?, status=?, attempts=?, "
-                  "last_error=?, next_attempt_at=?, delivered_at=?, score=?, is_anomalous=? "
-                  "WHERE uid=? AND writing=?",
-                  (revision, record.study_instance_uid, record.created_at, d.status, d.attempts, d.last_error,
-                   d.next_attempt_at, d.delivered_at, record.result.score, int(record.result.is_anomalous), uid,
-                   revision))
+        sql = ("UPDATE results SET revision=?, study=?, created_at=?, status=?, attempts=?, last_error=?, "
+               "next_attempt_at=?, delivered_at=?, score=?, is_anomalous=?, claim=NULL, ")
+        args: tuple = (revision, record.study_instance_uid, record.created_at, d.status, d.attempts, d.last_error,
+                       d.next_attempt_at, d.delivered_at, record.result.score, int(record.result.is_anomalous))
+        if mark is None:
+            sql += ("writer=CASE WHEN writing=? THEN NULL ELSE writer END, "
+                    "writing=CASE WHEN writing=? THEN NULL ELSE writing END WHERE uid=?")
+            args = (*args, revision, revision, uid)
+        else:
+            sql += "writer=NULL, writing=NULL WHERE uid=? AND writing=? AND writer IS ?"
+            args = (*args, uid, *mark)
+        changed = self._exec(sql, args)
+        if changed != 1:
+            log.warning("results of %s (revision %s): the index row is %s; not settled", uid, revision,
+                        "missing" if mark is None else "no longer the one to recover (settled or marked again)")
+        return changed == 1
 
     # --- reading ----------------------------------------------------------------------------------------------
 
@@ -168,8 +238,40 @@ class Outbox:
 
     # --- delivery ---------------------------------------------------------------------------------------------
 
+    @property
+    def owns(self) -> bool:
+        """Whether this instance is the folder's one deliverer (see `try_own`)."""
+        return self._owns
+
+    def try_own(self) -> bool:
+        """Become the folder's one deliverer, if no other open `Outbox` is; True when this one is.
+
+        On taking over, the leftovers of writers that died are recovered, and claims are given back: no other
+        process delivers now, so a claim still in the index belongs to an owner that stopped or died mid-send."""
+        if self._owns:
+            return True
+        try:
+            fcntl.flock(self._owner_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        self._owns = True
+        self._reap_dead()
+        now = time.time()
+        released = self._exec("UPDATE results SET claim=NULL, next_attempt_at=? WHERE status='pending' "
+                              "AND claim IS NOT NULL AND next_attempt_at > ?", (now, now))
+        if released:
+            log.info("took over delivery; %d results claimed by the previous owner are due again", released)
+        return True
+
+    def disown(self) -> None:
+        """Stop being the deliverer: another process's worker takes over at its next try."""
+        if self._owns:
+            self._owns = False
+            fcntl.flock(self._owner_fd, fcntl.LOCK_UN)
+
     def claim_due(self, now: float, lease_s: float, limit: int = 32) -> list[Due]:
         """Pending results due at `now`, claimed for `lease_s` (another process's worker skips them meanwhile)."""
+        claim = uuid.uuid4().hex
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -177,27 +279,37 @@ class Outbox:
                     "SELECT uid, revision, attempts, last_error, next_attempt_at FROM results WHERE status='pending' "
                     "AND revision IS NOT NULL AND (next_attempt_at IS NULL OR next_attempt_at <= ?) "
                     "ORDER BY next_attempt_at LIMIT ?", (now, limit)).fetchall()
-                self._db.executemany("UPDATE results SET next_attempt_at=? WHERE uid=? AND revision=?",
-                                     [(now + lease_s, r[0], r[1]) for r in rows])
+                self._db.executemany("UPDATE results SET next_attempt_at=?, claim=? WHERE uid=? AND revision=?",
+                                     [(now + lease_s, claim, r[0], r[1]) for r in rows])
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return [Due(r[0], r[1], Delivery(status="pending", attempts=r[2], last_error=r[3], next_attempt_at=r[4]))
-                for r in rows]
+        return [Due(r[0], r[1], Delivery(status="pending", attempts=r[2], last_error=r[3], next_attempt_at=r[4]),
+                    claim) for r in rows]
+
+    def renew(self, due: Due, now: float, lease_s: float) -> bool:
+        """Extend `due`'s claim to `now + lease_s`; False if it is no longer this claim's to send (re-claimed,
+        replaced by a newer revision, or settled)."""
+        return self._exec("UPDATE results SET next_attempt_at=? WHERE uid=? AND revision=? AND claim=? "
+                          "AND status='pending'", (now + lease_s, due.uid, due.revision, due.claim)) == 1
 
     def next_due(self) -> float | None:
         return self._rows("SELECT MIN(COALESCE(next_attempt_at, 0)) FROM results WHERE status='pending' "
                           "AND revision IS NOT NULL")[0][0]
 
-    def update_delivery(self, source_uid: str, delivery: Delivery, revision: str | None = None) -> bool:
-        """Record an attempt; only for `revision` when given (False: the result was replaced meanwhile)."""
-        sql = ("UPDATE results SET status=?, attempts=?, last_error=?, next_attempt_at=?, delivered_at=? "
-               "WHERE uid=?")
+    def update_delivery(self, source_uid: str, delivery: Delivery, revision: str | None = None,
+                        claim: str | None = None) -> bool:
+        """Record an attempt (and end its claim); only for `revision` and `claim` when given (False: the result
+        was replaced, or claimed by another worker, meanwhile)."""
+        sql = ("UPDATE results SET status=?, attempts=?, last_error=?, next_attempt_at=?, delivered_at=?, "
+               "claim=NULL WHERE uid=?")
         args: tuple = (delivery.status, delivery.attempts, delivery.last_error, delivery.next_attempt_at,
                        delivery.delivered_at, source_uid)
         if revision is not None:
             sql, args = sql + " AND revision=?", (*args, revision)
+        if claim is not None:
+            sql, args = sql + " AND claim=?", (*args, claim)
         return self._exec(sql, args) > 0
 
     # --- retention --------------------------------------------------------------------------------------------
@@ -205,46 +317,129 @@ class Outbox:
     def purge(self, older_than_s: float, now: float | None = None, limit: int = 1000) -> int:
         """Delete results delivered (or, with no PACS, stored: `local`) more than `older_than_s` ago."""
         cutoff = (now or time.time()) - older_than_s
-        rows = self._rows("SELECT uid FROM results WHERE (status='delivered' AND delivered_at < ?) "
-                          "OR (status='local' AND created_at < ?) LIMIT ?", (cutoff, cutoff, limit))
-        for (uid,) in rows:
-            gone = self.root / f".tmp-{uuid.uuid4().hex}"
-            try:
-                self.path(uid).rename(gone)  # out of sight first; a crash leaves a .tmp- folder, removed on open
-            except (FileNotFoundError, KeyError):
-                gone = None
-            self._exec("DELETE FROM results WHERE uid=?", (uid,))
+        old = ("((status='delivered' AND delivered_at < ?) OR (status='local' AND created_at < ?)) "
+               "AND writing IS NULL")
+        rows = self._rows(f"SELECT uid, revision FROM results WHERE {old} LIMIT ?", (cutoff, cutoff, limit))
+        deleted = 0
+        for uid, revision in rows:
+            gone: Path | None = self._tmp()
+            with self._exclusive():
+                # Still as selected: a `put` of the same instance marks its row `writing` first, under this lock.
+                if not self._rows(f"SELECT 1 FROM results WHERE uid=? AND revision IS ? AND {old}",
+                                  (uid, revision, cutoff, cutoff)):
+                    continue
+                try:
+                    self.path(uid).rename(gone)  # out of sight first; a crash leaves a .tmp- folder, reaped later
+                except (FileNotFoundError, KeyError):
+                    gone = None
+                deleted += self._exec("DELETE FROM results WHERE uid=? AND writing IS NULL", (uid,))
             if gone is not None:
                 shutil.rmtree(gone, ignore_errors=True)
-        return len(rows)
+        return deleted
 
-    # --- recovery ---------------------------------------------------------------------------------------------
+    # --- writers and recovery ---------------------------------------------------------------------------------
+
+    def _register(self) -> int:
+        """This writer's lock file, locked before its name appears: a name in .writers/ is locked while alive."""
+        new = self._writers / f".new-{self.writer}"
+        fd = os.open(new, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.replace(new, self._writers / self.writer)
+        return fd
+
+    def _tmp(self) -> Path:
+        """A temporary name of this writer's: only this writer removes it while it lives."""
+        return self.root / f".tmp-{self.writer}-{uuid.uuid4().hex[:16]}"
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        with self._write_lock:
+            fcntl.flock(self._write_fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._write_fd, fcntl.LOCK_UN)
 
     def _rebuild(self) -> None:
-        """No index (first start, or it was lost): every folder's record becomes a row. Reads each record once."""
+        """No index (first start, or it was lost): every folder's record becomes a row. Reads each record once.
+        A row that exists already (another process stored or rebuilt it meanwhile) is newer and stays."""
         for d in self.root.iterdir():
             if d.is_dir() and is_uid(d.name) and (d / RECORD).is_file():
                 raw = json.loads((d / RECORD).read_bytes())
                 record = ResultRecord.model_validate(raw)
                 revision = raw.get("revision") or uuid.uuid4().hex
-                self._exec("INSERT OR REPLACE INTO results (uid, writing) VALUES (?, ?)", (d.name, revision))
-                self._settle(d.name, revision, record)
+                with self._exclusive():
+                    if self._exec("INSERT OR IGNORE INTO results (uid, writing, writer) VALUES (?, ?, ?)",
+                                  (d.name, revision, self.writer)):
+                        self._settle(d.name, revision, record, (revision, self.writer))
         self._exec("INSERT OR REPLACE INTO meta (key, value) VALUES ('built', ?)", (str(time.time()),))
 
-    def _recover(self) -> None:
-        """Rows a crash left mid-`put`: the folder on disk says which revision made it."""
-        for uid, writing in self._rows("SELECT uid, writing FROM results WHERE writing IS NOT NULL"):
+    def _reap_dead(self) -> None:
+        """Recover what writers that are gone left behind: rows mid-`put` and temporary folders.
+
+        A temporary folder whose name carries no writer is from an older version of this code (no process writes
+        those any more)."""
+        tmps: dict[str | None, list[Path]] = {}
+        for p in self.root.glob(".tmp-*"):
+            m = _TMP.match(p.name)
+            tmps.setdefault(m.group(1) if m else None, []).append(p)
+        writers: set[str | None] = set(tmps)
+        writers.update(w for (w,) in self._rows("SELECT DISTINCT writer FROM results WHERE writing IS NOT NULL"))
+        writers.update(p.name for p in self._writers.iterdir() if _WRITER.match(p.name))
+        writers.discard(self.writer)
+        for writer in writers:
+            self._reap(writer, tmps.get(writer, []))
+
+    def _reap(self, writer: str | None, tmps: list[Path]) -> None:
+        fd = -1
+        if writer is not None and _WRITER.match(writer):
             try:
-                raw = json.loads((self.path(uid) / RECORD).read_bytes())
-            except (FileNotFoundError, KeyError, ValueError):
-                raw = None
-            if raw is not None and raw.get("revision") == writing:  # renamed into place: settle it as pending
-                self._settle(uid, writing, ResultRecord.model_validate(raw))
-            elif raw is None:  # never renamed, and no older result: nothing was stored
-                self._exec("DELETE FROM results WHERE uid=? AND revision IS NULL", (uid,))
-                self._exec("UPDATE results SET writing=NULL WHERE uid=?", (uid,))
-            else:  # never renamed: the older result stands as it was
-                self._exec("UPDATE results SET writing=NULL WHERE uid=?", (uid,))
+                fd = os.open(self._writers / writer, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                pass  # reaped before, or never registered: gone either way
+            else:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    return  # alive: its temporary folders and marks are its own business
+        try:
+            rows = self._rows("SELECT uid, writing FROM results WHERE writing IS NOT NULL AND writer IS ?", (writer,))
+            for uid, writing in rows:
+                with self._exclusive():
+                    self._resolve(uid, writing, writer)
+            for p in tmps:
+                shutil.rmtree(p, ignore_errors=True)
+            if fd >= 0:
+                with contextlib.suppress(FileNotFoundError):
+                    (self._writers / writer).unlink()
+            if rows or tmps:
+                log.info("recovered what writer %s left: %d index rows, %d temporary folders", writer, len(rows),
+                         len(tmps))
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def _resolve(self, uid: str, writing: str, writer: str | None) -> None:
+        """A row `writer` marked for `writing` that it will not settle (the write lock is held): the folder on disk
+        says what was stored."""
+        rows = self._rows("SELECT revision FROM results WHERE uid=? AND writing=? AND writer IS ?",
+                          (uid, writing, writer))
+        if not rows:
+            return  # settled or marked again since
+        try:
+            raw = json.loads((self.path(uid) / RECORD).read_bytes())
+        except (FileNotFoundError, KeyError, ValueError):
+            raw = None
+        # Renamed into place before the crash; or, for a row never settled, a folder a superseded writer left.
+        if raw is not None and (raw.get("revision") == writing or rows[0][0] is None):
+            self._settle(uid, raw.get("revision") or writing, ResultRecord.model_validate(raw), (writing, writer))
+            return
+        # Never renamed into place: the older result stands as it was, or, with none, nothing was stored.
+        self._exec("DELETE FROM results WHERE uid=? AND writing=? AND writer IS ? AND revision IS NULL",
+                   (uid, writing, writer))
+        self._exec("UPDATE results SET writing=NULL, writer=NULL WHERE uid=? AND writing=? AND writer IS ?",
+                   (uid, writing, writer))
 
     def _rows(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
@@ -255,8 +450,17 @@ class Outbox:
             return self._db.execute(sql, args).rowcount
 
     def close(self) -> None:
+        """Close the index and end this writer (its lock file goes; what it left is recovered by the next open)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.disown()
         with self._lock:
             self._db.close()
+        with contextlib.suppress(FileNotFoundError):
+            (self._writers / self.writer).unlink()
+        for fd in (self._writer_fd, self._write_fd, self._owner_fd):
+            os.close(fd)
 
 
 def _write_synced(path: Path, data: bytes) -> None:
