@@ -12,17 +12,18 @@ inverted so that bright is always high. Colour (RGB, YBR, palette) becomes luma 
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import pydicom
-from pydicom.dataset import Dataset
-from pydicom.encaps import parse_basic_offsets, parse_fragments
-from pydicom.errors import InvalidDicomError
+from pydicom import filereader
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.pixels import apply_color_lut, get_decoder
-from pydicom.uid import UID
+from pydicom.tag import BaseTag
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from service.dicom.errors import (
     DicomProblem,
@@ -44,6 +45,16 @@ MAX_SIDE = 16384
 _PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT",
                 "PALETTE COLOR"}
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+UNDEFINED_LENGTH = 0xFFFFFFFF
+_INFLATE_HEADROOM = 64 * 1024 * 1024  # attributes besides Pixel Data a deflated object may carry
+_IDENTIFY_INFLATE_BYTES = 1024 * 1024  # the SOP UIDs sit near the start of the data set
+_ITEM, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE0DD
+
+# pydicom reports what it tolerates in a sender's file (values it cannot convert, a VR that does not match) as
+# warnings, and some quote the value, which may be the patient's. They are not the service's to print: filtered
+# once for the process, here, rather than with `warnings.catch_warnings`, which swaps the process-wide filter list
+# and so is not safe while another thread (decoding runs in worker threads) or the event loop reads DICOM too.
+warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 
 
 @dataclass
@@ -81,7 +92,7 @@ def decode_dicom(data: bytes, *, max_total_pixels: int = MAX_TOTAL_PIXELS, max_s
     The size limits are checked from the header, before any pixel is decoded; then `reserve(voxels)` may refuse
     (raise) when the service holds too many decoded voxels already. A raised DicomProblem carries the object's
     text values in `phi`, so the caller can keep them out of what it logs."""
-    ds = read_dataset(data)
+    ds = read_dataset(data, max_inflated_bytes=_max_inflated_bytes(max_total_pixels))
     try:
         return _decode(ds, max_total_pixels, max_side, max_frame_pixels, reserve)
     except DicomProblem as e:
@@ -91,7 +102,7 @@ def decode_dicom(data: bytes, *, max_total_pixels: int = MAX_TOTAL_PIXELS, max_s
 
 def _decode(ds: Dataset, max_total_pixels: int, max_side: int, max_frame_pixels: int | None,
             reserve: Callable[[int], None] | None) -> DicomImage:
-    ts = _transfer_syntax(ds)
+    ts = _transfer_syntax(ds.file_meta)
     _require_pixel_data(ds)
     rows, cols, n_frames = _geometry(ds, max_total_pixels, max_side)
     if max_frame_pixels is not None and rows * cols > max_frame_pixels:
@@ -113,16 +124,27 @@ def _decode(ds: Dataset, max_total_pixels: int, max_side: int, max_frame_pixels:
 
 
 def identify(data: bytes) -> tuple[str, str]:
-    """(SOP Class UID, SOP Instance UID) of whatever can be parsed, for a STOW failure entry; '' when unknown."""
+    """(SOP Class UID, SOP Instance UID) of whatever can be parsed, for a STOW failure entry; '' when unknown.
+    Reads the file meta and the data set only up to group 0008 (where both UIDs live): cheap on any object, and
+    a broken file further on does not hide them."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        meta = ds.get("file_meta") or Dataset()
-        return (str(ds.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID") or ""),
-                str(ds.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID") or ""))
+        meta, start = _read_file_meta(data)
+        from_meta = (str(meta.get("MediaStorageSOPClassUID") or ""), str(meta.get("MediaStorageSOPInstanceUID") or ""))
     except Exception:  # the caller already knows the object is bad; any UID found is a bonus
         return "", ""
+    try:
+        ts = _transfer_syntax(meta)
+        buffer = data
+        if ts == DeflatedExplicitVRLittleEndian:
+            buffer = zlib.decompressobj(-zlib.MAX_WBITS).decompress(memoryview(data)[start:], _IDENTIFY_INFLATE_BYTES)
+            start = 0
+        fp = io.BytesIO(buffer)
+        fp.seek(start)
+        ds = filereader.read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian, stop_when=_after_sop_uids)
+        from_data = (str(ds.get("SOPClassUID") or ""), str(ds.get("SOPInstanceUID") or ""))
+    except Exception:  # an unknown transfer syntax, a corrupt data set: the file meta's UIDs still name it
+        return from_meta
+    return from_data[0] or from_meta[0], from_data[1] or from_meta[1]
 
 
 def is_dicom(head: bytes) -> bool:
@@ -130,25 +152,34 @@ def is_dicom(head: bytes) -> bool:
     return len(head) >= 132 and head[128:132] == b"DICM"
 
 
-def read_dataset(data: bytes) -> Dataset:
-    """Parse (without decoding pixels) and check the parts every later step relies on."""
+def read_dataset(data: bytes, *, max_inflated_bytes: int = 1 << 32) -> Dataset:
+    """Parse (without decoding pixels) and check the parts every later step relies on.
+
+    The file meta says how the data set is encoded; an unknown transfer syntax is refused from that UID alone. A
+    deflated data set is inflated here, its deflate stream required to end (a cut-off stream is a truncated file),
+    and at most `max_inflated_bytes` of it are kept. Truncation is then found by lengths, not by pydicom's
+    messages: the last element read must end exactly where the (inflated) data set ends."""
     if not is_dicom(data):
         raise NotDicom("expected a DICOM Part 10 file: 128-byte preamble, then 'DICM', then the file meta group")
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            ds = pydicom.dcmread(io.BytesIO(data))
-    except InvalidDicomError as e:
-        raise NotDicom(f"not a DICOM Part 10 file ({library_error(e)})") from e
-    except ValueError as e:
-        if "transfer syntax" in str(e).lower():  # a private/unknown transfer syntax: the data set's encoding is unknown
-            raise UnsupportedTransferSyntax("unknown or private transfer syntax") from e
-        raise TruncatedDicom(f"the file cannot be parsed (truncated or corrupt; {library_error(e)})") from e
-    except Exception as e:  # pydicom raises struct/EOF/value errors when the byte stream stops mid-element
-        raise TruncatedDicom(f"the file cannot be parsed (truncated or corrupt; {library_error(e)})") from e
-    if any("end of file" in str(w.message).lower() for w in caught):
-        raise TruncatedDicom("the file ends inside a sequence or encapsulated pixel data")
-    _check_last_element_complete(ds, len(data))
+        meta, start = _read_file_meta(data)
+    except Exception as e:  # the meta group is Explicit VR Little Endian whatever follows; pydicom could not read it
+        raise NotDicom(f"the file meta group cannot be read ({library_error(e)})") from e
+    ts = _transfer_syntax(meta)
+    if not ts.is_transfer_syntax:  # a private/unknown transfer syntax: the data set's encoding itself is unknown
+        raise UnsupportedTransferSyntax(f"unknown or private transfer syntax {ts}")
+    buffer = data
+    if ts == DeflatedExplicitVRLittleEndian:
+        buffer, start = _inflate(memoryview(data)[start:], max_inflated_bytes), 0
+    fp = io.BytesIO(buffer)  # shares `buffer`'s memory: nothing is copied until written to
+    fp.seek(start)
+    try:
+        found = filereader.read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian)
+    except Exception as e:  # struct/OS/value errors when the byte stream stops mid-element or is not DICOM
+        raise TruncatedDicom(f"the data set cannot be parsed (truncated or corrupt; {library_error(e)})") from e
+    ds = FileDataset("", found, preamble=data[:128], file_meta=meta, is_implicit_VR=ts.is_implicit_VR,
+                     is_little_endian=ts.is_little_endian)
+    _check_complete(ds, buffer, ts.is_little_endian)
     if "SOPClassUID" not in ds:
         sop = ds.file_meta.get("MediaStorageSOPClassUID")
         if not sop:
@@ -157,25 +188,70 @@ def read_dataset(data: bytes) -> Dataset:
     return ds
 
 
-def _transfer_syntax(ds: Dataset) -> UID:
-    ts = ds.file_meta.get("TransferSyntaxUID")
+def _read_file_meta(data: bytes) -> tuple[FileMetaDataset, int]:
+    """The file meta group (always Explicit VR Little Endian, right after 'DICM') and where the data set starts."""
+    fp = io.BytesIO(data)
+    fp.seek(132)
+    group = filereader.read_dataset(fp, is_implicit_VR=False, is_little_endian=True, stop_when=_not_meta)
+    return FileMetaDataset(group), fp.tell()
+
+
+def _not_meta(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag >> 16 != 0x0002
+
+
+def _after_sop_uids(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag > 0x00080018  # SOP Instance UID; the SOP Class UID (0008,0016) comes before it
+
+
+def _transfer_syntax(meta: Dataset) -> UID:
+    ts = meta.get("TransferSyntaxUID")
     if not ts:
         raise TruncatedDicom("the file meta has no Transfer Syntax UID (truncated or corrupt)")
-    return UID(ts)
+    return UID(str(ts).strip())
 
 
-def _check_last_element_complete(ds: Dataset, size: int) -> None:
+def _max_inflated_bytes(max_total_pixels: int) -> int:
+    # The largest object the size limits let through: every voxel as 3 samples of 2 bytes, plus room for the
+    # other attributes. A deflate stream that inflates beyond it (a "zip bomb") is refused while inflating.
+    return 6 * max_total_pixels + _INFLATE_HEADROOM
+
+
+def _inflate(body: bytes | memoryview, limit: int) -> bytes:
+    """Deflated Explicit VR Little Endian (PS3.5 A.5): the data set after the file meta is one raw deflate stream."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise TruncatedDicom(f"the deflated data set cannot be inflated (corrupt; {library_error(e)})") from e
+    if len(out) > limit:
+        raise UnsupportedPixels(f"the deflated data set inflates to more than {limit} bytes, the most an object "
+                                "within the service's size limits can need")
+    if not inflater.eof:
+        raise TruncatedDicom(f"the deflate stream stops after {len(body)} bytes without its end block (truncated)")
+    return out
+
+
+def _check_complete(ds: Dataset, buffer: bytes, little_endian: bool) -> None:
     # pydicom stops without complaint when the bytes run out: a value cut short is kept short, and an element
-    # header or encapsulated item cut short is dropped. Elements are read in order, so a complete file ends
-    # exactly where its last top-level element ends.
-    if not ds.keys():  # what pydicom returns when the first undefined-length element runs off the end
+    # header or encapsulated item cut short is dropped. Elements are read in order, so a complete data set ends
+    # exactly where its last top-level element ends: at its value's declared length, or, for an undefined-length
+    # element (a sequence, encapsulated Pixel Data), with the Sequence Delimitation Item (FFFE,E0DD), length 0.
+    if not ds.keys():  # what pydicom returns when an undefined-length top-level element runs off the end
         raise TruncatedDicom("no data elements after the file meta (truncated or corrupt)")
     elem = ds.get_item(max(ds.keys()))
     length, value_tell = getattr(elem, "length", None), getattr(elem, "value_tell", None)
-    if length is None or value_tell is None or length == 0xFFFFFFFF:
-        return  # already converted, or undefined length (ends at a delimiter): nothing to compare against
-    if value_tell + length != size:
-        raise TruncatedDicom(f"element {elem.tag} ends at byte {value_tell + length} but the file has {size} "
+    if length is None or value_tell is None:
+        return  # already converted by pydicom: nothing to compare against
+    if length == UNDEFINED_LENGTH:
+        delimiter = struct.pack("<HHL" if little_endian else ">HHL", 0xFFFE, 0xE0DD, 0)
+        if buffer[-8:] != delimiter:
+            raise TruncatedDicom(f"element {elem.tag} has an undefined length but the file does not end with its "
+                                 "Sequence Delimitation Item (truncated or corrupt)")
+        return
+    if value_tell + length != len(buffer):
+        raise TruncatedDicom(f"element {elem.tag} ends at byte {value_tell + length} but the data end at byte "
+                             f"{len(buffer)} "
                              "(truncated or corrupt)")
 
 
@@ -229,7 +305,12 @@ def _check_decodable(ts: UID) -> None:
 
 
 def _check_native_length(ds: Dataset, rows: int, cols: int, n_frames: int) -> None:
-    frame_bytes = rows * cols * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8
+    """Native (uncompressed, also inflated) Pixel Data holds exactly Rows×Columns×samples×BitsAllocated/8 bytes a
+    frame (YBR_FULL_422 stores two samples a pixel), NumberOfFrames times, plus at most one pad byte."""
+    spp = int(ds.get("SamplesPerPixel", 1))
+    if spp == 3 and str(ds.PhotometricInterpretation).strip().upper() == "YBR_FULL_422":
+        spp = 2
+    frame_bytes = rows * cols * spp * int(ds.BitsAllocated) // 8
     have, want = len(ds.PixelData), frame_bytes * n_frames
     if have == want or have == want + 1:  # one trailing pad byte keeps the value length even
         return
@@ -240,27 +321,56 @@ def _check_native_length(ds: Dataset, rows: int, cols: int, n_frames: int) -> No
 
 
 def _check_fragments(ds: Dataset, n_frames: int) -> None:
-    try:
-        buf = io.BytesIO(ds.PixelData)
-        offsets = parse_basic_offsets(buf)
-        n_fragments, _ = parse_fragments(buf)
-    except Exception as e:
-        raise TruncatedDicom(f"encapsulated pixel data is malformed ({library_error(e)})") from e
-    # Each frame is one or more fragments; a Basic Offset Table, when present, has exactly one entry per frame.
-    if n_fragments < n_frames or (offsets and len(offsets) != n_frames):
-        held = len(offsets) if offsets else n_fragments
-        raise FrameCountMismatch(f"NumberOfFrames is {n_frames} but the encapsulated pixel data holds {held} "
-                                 f"{'frames' if offsets else 'fragments'}")
+    """Encapsulated Pixel Data (PS3.5 A.4): a Basic Offset Table item, then one or more fragment items a frame.
+    Every item must lie inside the value (one that runs past its end is a truncated file), and the frames the
+    offset tables list (or, without them, the fragments there are) must match NumberOfFrames."""
+    value = ds.PixelData
+    little = ds.original_encoding[1] is not False
+    starts: list[int] = []  # of each item, relative to the first fragment's item tag
+    pos = 0
+    while pos + 8 <= len(value):
+        tag_group, tag_element, length = struct.unpack_from("<HHL" if little else ">HHL", value, pos)
+        tag = tag_group << 16 | tag_element
+        if tag == _SEQUENCE_DELIMITER:
+            break
+        if tag != _ITEM or length == UNDEFINED_LENGTH:
+            raise TruncatedDicom(f"encapsulated pixel data: item {len(starts)} is not a defined-length item "
+                                 "(truncated or corrupt)")
+        if pos + 8 + length > len(value):
+            raise TruncatedDicom(f"encapsulated pixel data: item {len(starts)} declares {length} bytes, "
+                                 f"{len(value) - pos - 8} follow (truncated)")
+        starts.append(pos)
+        pos += 8 + length
+    else:
+        if pos != len(value):
+            raise TruncatedDicom("encapsulated pixel data ends inside an item header (truncated)")
+    if not starts:
+        raise TruncatedDicom("encapsulated pixel data has no Basic Offset Table item (truncated or corrupt)")
+    table_length = struct.unpack_from("<L" if little else ">L", value, starts[0] + 4)[0]
+    if table_length % 4:
+        raise TruncatedDicom(f"the Basic Offset Table is {table_length} bytes, not a multiple of 4 (corrupt)")
+    offsets = struct.unpack_from(f"{'<' if little else '>'}{table_length // 4}L", value, starts[0] + 8)
+    first = starts[1] if len(starts) > 1 else pos
+    fragment_starts = {p - first for p in starts[1:]}
+    n_fragments = len(starts) - 1
+    if "ExtendedOffsetTable" in ds:
+        held, what = len(ds.ExtendedOffsetTable) // 8, "frames (Extended Offset Table)"
+    elif offsets:
+        if list(offsets) != sorted(set(offsets)) or not set(offsets) <= fragment_starts:
+            raise TruncatedDicom("the Basic Offset Table does not point at fragment starts (corrupt)")
+        held, what = len(offsets), "frames (Basic Offset Table)"
+    else:  # each frame is one or more fragments
+        held, what = n_fragments, "fragments"
+        if n_fragments >= n_frames:
+            return
+    if held != n_frames:
+        raise FrameCountMismatch(f"NumberOfFrames is {n_frames} but the encapsulated pixel data holds {held} {what}")
 
 
 def _decode_pixels(ds: Dataset, n_frames: int) -> np.ndarray:
+    # Lengths, fragments and frame counts were checked before this; what a codec still refuses is corrupt data.
     try:
         arr = ds.pixel_array
-    except ValueError as e:
-        msg = str(e)
-        if "frame" in msg.lower() or "less than expected" in msg:
-            raise FrameCountMismatch(f"pixel data does not match NumberOfFrames={n_frames}") from e
-        raise DicomProblem(f"pixel data cannot be decoded ({library_error(e)})") from e
     except StopIteration as e:  # pydicom's frame generator ran out: fewer frames than NumberOfFrames
         raise FrameCountMismatch(f"the pixel data holds fewer than NumberOfFrames={n_frames} frames") from e
     except Exception as e:  # a codec plugin raising on corrupt compressed data is a bad upload, not a crash

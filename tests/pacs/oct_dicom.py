@@ -9,7 +9,13 @@ import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEGBaseline8Bit, generate_uid
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    generate_uid,
+)
 
 OPT = "1.2.840.10008.5.1.4.1.1.77.1.5.4"
 PHI = {"PatientName": "Secretname^Jane", "PatientID": "PHI-98765", "PatientBirthDate": "19500101"}
@@ -72,6 +78,26 @@ def to_bytes(ds: Dataset) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+NATIVE = (EXPLICIT_LE, ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian)
+
+
+def twelve_bit(frames: np.ndarray) -> np.ndarray:
+    """8-bit frames spread over 12 bits (0…4080) in 16-bit words, for BitsAllocated 16, BitsStored 12."""
+    return frames.astype(np.uint16) * 16
+
+
+def encode(ds: Dataset, transfer_syntax: str) -> Dataset:
+    """`ds` (uncompressed, Explicit VR Little Endian) in any transfer syntax: the native ones by pydicom's writer
+    (which encodes the data set as the file meta's Transfer Syntax UID says), the others by `compress`."""
+    if transfer_syntax not in NATIVE:
+        return compress(ds, transfer_syntax)
+    if transfer_syntax == ExplicitVRBigEndian and int(ds.BitsAllocated) > 8:
+        # pydicom writes an OW value's bytes as they are: a big-endian file needs them swapped first.
+        ds.PixelData = np.frombuffer(ds.PixelData, dtype="<u2").byteswap().tobytes()
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    return ds
 
 
 def compress(ds: Dataset, transfer_syntax: str) -> Dataset:
