@@ -23,7 +23,7 @@ from pydicom import filereader
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.pixels import apply_color_lut, get_decoder
 from pydicom.tag import BaseTag
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, JPEGExtended12Bit
 
 from service.dicom.errors import (
     DicomProblem,
@@ -107,7 +107,7 @@ def _decode(ds: Dataset, max_total_pixels: int, max_side: int, max_frame_pixels:
     rows, cols, n_frames = _geometry(ds, max_total_pixels, max_side)
     if max_frame_pixels is not None and rows * cols > max_frame_pixels:
         raise UnsupportedPixels(f"{rows}×{cols} frames are over the limit of {max_frame_pixels} pixels")
-    _check_decodable(ts)
+    _check_decodable(ts, int(ds.get("BitsStored", ds.BitsAllocated)))
     if ts.is_encapsulated:
         _check_fragments(ds, n_frames)
     else:
@@ -294,7 +294,7 @@ def _geometry(ds: Dataset, max_total_pixels: int, max_side: int) -> tuple[int, i
     return rows, cols, n_frames
 
 
-def _check_decodable(ts: UID) -> None:
+def _check_decodable(ts: UID, bits_stored: int) -> None:
     try:
         decoder = get_decoder(ts)
     except NotImplementedError as e:
@@ -302,6 +302,10 @@ def _check_decodable(ts: UID) -> None:
     if not decoder.is_available:
         raise UnsupportedTransferSyntax(f"transfer syntax {ts.name} ({ts}) needs a decoder plugin that is not "
                                         "installed (JPEG baseline, JPEG-LS, JPEG 2000 and RLE are)")
+    if ts == JPEGExtended12Bit and bits_stored > 8 and set(decoder.available_plugins) <= {"pillow"}:
+        # Pillow decodes JPEG Extended at 8-bit precision only; 12-bit needs pylibjpeg-libjpeg or GDCM.
+        raise UnsupportedTransferSyntax(f"12-bit {ts.name} ({ts}) needs a decoder plugin that is not installed "
+                                        "(pylibjpeg-libjpeg or GDCM; Pillow decodes 8-bit only)")
 
 
 def _check_native_length(ds: Dataset, rows: int, cols: int, n_frames: int) -> None:
