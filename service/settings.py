@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -56,8 +57,12 @@ class Settings(BaseSettings):
     pacs_retry_max: int = Field(default=8, ge=0)
     pacs_retry_backoff_s: float = Field(default=2.0, ge=0)
     results_dir: Path = Path("results")
+    # The base of every URL the service hands out (STOW-RS RetrieveURLs, result links), e.g.
+    # https://gateway.example:8443/oct when clients reach it through a proxy: the request's own Host is then the
+    # proxy's view, not theirs. Empty: the request's scheme, host and port (service/routes/dicomweb.py).
+    public_url: str = Field(default="", description="Base URL clients reach the service at; empty = from the request")
 
-    # --- Safety (issue 10: service/security.py, service/upload.py, service/dicom/) ---
+    # --- Safety (service/security.py, service/upload.py, service/dicom/) ---
     # Listening beyond loopback with no API key is refused at start unless this is true (results stay keyed anyway).
     allow_anonymous: bool = False
     # Bytes of request bodies held at once, and voxels of decoded DICOM objects held at once; a request that would
@@ -72,7 +77,7 @@ class Settings(BaseSettings):
     # Delivered (or, with no PACS, stored) results are deleted after this many days; 0 keeps them for ever.
     results_retention_days: float = Field(default=30.0, ge=0)
 
-    # Serving processes, drain and precision (issue 11)
+    # Serving processes, drain and precision
     workers: int = Field(default=1, ge=1, le=256, description="Front-end processes sharing the port, each with its "
                          "own batcher on the shared device (docs/service.md, 'Processes')")
     drain_delay_s: float = Field(default=5.0, ge=0, description="After SIGTERM: /readyz answers 503 at once, "
@@ -86,6 +91,19 @@ class Settings(BaseSettings):
     @classmethod
     def _latest(cls, v: object) -> object:
         return None if isinstance(v, str) and v.strip().lower() in ("", "latest") else v
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            return ""
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ValueError("must be an http(s) URL with a host and no query or fragment, e.g. "
+                             "https://gateway.example:8443/oct")
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number in 0-65535
+        return v.rstrip("/")
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Literal
@@ -42,6 +43,39 @@ from service.upload import read_body
 
 log = logging.getLogger("oct.dicomweb")
 PROCESSING_FAILURE = 0x0110
+# A Host header: a DNS name or IPv4 address, or a bracketed IPv6 literal, then an optional port. Narrower than
+# RFC 3986's reg-name on purpose: the host goes into URLs other systems store, so nothing that could end or bend one.
+_HOST = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::(?P<port>[0-9]{1,5}))?")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def public_base(request: Request) -> str:
+    """The base of every URL this service hands out (RetrieveURL, result links), without a trailing slash.
+
+    OCT_PUBLIC_URL when set: behind a proxy or gateway, the request's own view of the host is not the clients'.
+    Otherwise the request's scheme, host and port: the Host header's port when it names one, else the port the
+    connection actually arrived on (the ASGI scope's `server`) — a client such as dicomweb-client sends `Host`
+    without the port, and a URL without it would point at the default port, where nothing listens."""
+    configured: str = request.app.state.settings.public_url
+    if configured:
+        return configured
+    scheme = str(request.scope.get("scheme") or "http")
+    server = request.scope.get("server")  # (host, port); None on a Unix socket
+    host, port = None, None
+    header = request.headers.get("host", "").strip()
+    if header:
+        m = _HOST.fullmatch(header)
+        if m is None or (m["port"] is not None and int(m["port"]) > 65535):
+            raise BadRequest("the Host header is not a host name or address with an optional port")
+        host, port = m["host"], int(m["port"]) if m["port"] is not None else None
+    if host is None:  # HTTP/1.0 without Host: the address the connection arrived at
+        host = str(server[0]) if server else "localhost"
+        host = f"[{host}]" if ":" in host else host
+    if port is None and server:
+        port = int(server[1])
+    netloc = host if port is None or port == _DEFAULT_PORTS.get(scheme) else f"{host}:{port}"
+    return f"{scheme}://{netloc}{str(request.scope.get('root_path') or '').rstrip('/')}"
+
 
 
 @asynccontextmanager
@@ -135,7 +169,7 @@ async def _stow(request: Request, engine: EngineDep, outbox: Outbox, study: str 
         raise BadRequest(f"malformed multipart/related body: {e}") from e
     if not parts:
         raise BadRequest("the multipart/related body has no parts")
-    base_url = str(request.base_url).rstrip("/")
+    base_url = public_base(request)
     worker: DeliveryWorker | None = request.app.state.dicom_delivery
     outcome = StowOutcome()
     for n, part in enumerate(parts, 1):
@@ -179,7 +213,7 @@ _RESULTS_KEY = [Depends(require_results_key)]
 async def list_results(request: Request, outbox: OutboxDep,
                        study_instance_uid: Annotated[str | None, Query()] = None,
                        limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[ResultSummary]:
-    base = str(request.base_url).rstrip("/")
+    base = public_base(request)
     rows = await asyncio.to_thread(outbox.summaries, limit, study_instance_uid)
     return [ResultSummary(source_sop_instance_uid=r.uid, study_instance_uid=r.study, score=r.score,
                           is_anomalous=r.is_anomalous, delivery_status=r.status, url=f"{base}/dicomweb/results/{r.uid}")
@@ -190,11 +224,16 @@ async def list_results(request: Request, outbox: OutboxDep,
             responses=problem_responses(ResultNotFound, NotReady),
             dependencies=_RESULTS_KEY,
             summary="Scores, result instances (SR, SC) and delivery status of one scored instance")
-async def get_result(outbox: OutboxDep, sop_instance_uid: str) -> ResultRecord:
+async def get_result(request: Request, outbox: OutboxDep, sop_instance_uid: str) -> ResultRecord:
     record = await asyncio.to_thread(outbox.get, sop_instance_uid)
     if record is None:
         raise ResultNotFound(f"no result for SOP Instance UID {sop_instance_uid!r}")
-    return record
+    # The stored links carry the base of the request that stored them; answer with this request's (or
+    # OCT_PUBLIC_URL), so a changed proxy or setting never hands out stale links.
+    base = public_base(request)
+    instances = [i.model_copy(update={"url": f"{base}/dicomweb/results/{record.source_sop_instance_uid}/{i.kind}.dcm"})
+                 for i in record.instances]
+    return record.model_copy(update={"instances": instances})
 
 
 @router.get("/results/{sop_instance_uid}/{kind}.dcm", response_class=FileResponse,

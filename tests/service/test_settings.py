@@ -98,3 +98,14 @@ def test_safety_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OCT_MAX_INFLIGHT_VOXELS", "0")
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_public_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().public_url == ""
+    monkeypatch.setenv("OCT_PUBLIC_URL", " https://gateway.example:8443/oct/ ")
+    assert Settings().public_url == "https://gateway.example:8443/oct"  # no trailing slash: paths are appended
+    for bad in ("gateway.example/oct", "ftp://gateway.example", "https://", "https://gateway.example:99999",
+                "https://gateway.example/oct?x=1", "https://gateway.example/#top"):
+        monkeypatch.setenv("OCT_PUBLIC_URL", bad)
+        with pytest.raises(ValidationError):
+            Settings()
