@@ -67,7 +67,9 @@ async def score_dicom(engine: Any, data: bytes, *, heatmaps: bool, preview: bool
 
 async def ingest(engine: Any, outbox: Outbox, data: bytes, *, base_url: str, study: str | None = None,
                  deliver: bool = True, request_id: str | None = None, voxels: Budget | None = None) -> ResultRecord:
-    """Score one STOW-RS instance and store its SR + SC (status `pending` when `deliver`, else `local`)."""
+    """Score one STOW-RS instance and store its SR + SC (status `pending` when `deliver`, else `local`).
+    `base_url` is the base of the links stored with it (OCT_PUBLIC_URL, else the request's own: see
+    `service.routes.dicomweb.public_base`); reading the result back rebuilds them for the reader's base."""
     async with decoded(engine, data, voxels) as image:
         return await _ingest(engine, outbox, image, base_url=base_url, study=study, deliver=deliver,
                              request_id=request_id)
