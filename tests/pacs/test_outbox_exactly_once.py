@@ -15,6 +15,8 @@ import io
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -24,12 +26,120 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
-from live import Service, wait_for
+from live import ROOT, Service, wait_for
 from oct_dicom import oct_dataset, phantom_frames, to_bytes
 
+from service.dicom import outbox as outbox_module
+from service.dicom.outbox import Outbox
+from service.dicom.schemas import Delivery, ResultInstance, ResultRecord, VolumeScoreResult
 from service.multipart import build_related, content_type_params, split_parts
+from service.schemas import ModelRef, TimingMs
 
-pytestmark = pytest.mark.slow
+SOP = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def _record(uid: str) -> ResultRecord:
+    result = VolumeScoreResult(
+        request_id="r", model=ModelRef(name="m", version=1), study_instance_uid="1.2.3", series_instance_uid="1.2.4",
+        sop_instance_uid=uid, sop_class_uid=SOP, number_of_frames=1, score=1.0, scores={"a": 1.0}, threshold=0.5,
+        is_anomalous=True, percentile=99.0, max_frame=0, frames=[], timing_ms=TimingMs(queue=0, inference=0, total=0))
+    return ResultRecord(source_sop_instance_uid=uid, study_instance_uid="1.2.3", created_at=time.time(), result=result,
+                        instances=[ResultInstance(kind="sr", sop_class_uid=SOP, sop_instance_uid=uid + ".1",
+                                                  series_instance_uid="1.2.5", url="u")],
+                        delivery=Delivery(status="pending"))
+
+
+def _listed(outbox: Outbox) -> set[str]:
+    return {s.uid for s in outbox.summaries(100)}
+
+
+def test_opening_the_outbox_leaves_a_living_writers_half_written_result_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker (re)starting beside one that is writing: the writer's result is stored, listed and due, whole."""
+    writer = Outbox(tmp_path)
+    halfway, resume = threading.Event(), threading.Event()
+    write = outbox_module._write_synced
+
+    def slow_write(path: Path, data: bytes) -> None:
+        halfway.set()
+        assert resume.wait(10)
+        write(path, data)
+
+    monkeypatch.setattr(outbox_module, "_write_synced", slow_write)
+    put = threading.Thread(target=writer.put, args=(_record("1.2.1"), {"sr.dcm": b"sr"}))
+    put.start()
+    assert halfway.wait(10)
+    restarted = Outbox(tmp_path)  # what a sibling process does on start, while the put is half done
+    resume.set()
+    put.join()
+    monkeypatch.setattr(outbox_module, "_write_synced", write)
+    assert _listed(restarted) == _listed(writer) == {"1.2.1"}
+    assert restarted.get("1.2.1").delivery.status == "pending"
+    assert [d.uid for d in restarted.claim_due(time.time(), lease_s=60)] == ["1.2.1"]
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+_CRASHING_WRITER = """
+import os, sys, time
+from pathlib import Path
+sys.path[:0] = [sys.argv[2], sys.argv[3]]
+from service.dicom import outbox
+from test_outbox_exactly_once import _record
+
+box = outbox.Outbox(Path(sys.argv[1]))
+box.put(_record("1.2.1"), {"sr.dcm": b"sr"})
+
+def stuck(path, data):  # the second result's first file: tell the test, then wait to be killed
+    print("writing", flush=True)
+    time.sleep(60)
+
+outbox._write_synced = stuck
+box.put(_record("1.2.2"), {"sr.dcm": b"sr"})
+"""
+
+
+def test_a_writer_killed_mid_write_is_recovered_by_the_next_open(tmp_path: Path) -> None:
+    survivor = Outbox(tmp_path)  # a sibling process's outbox, open throughout
+    survivor.put(_record("1.2.9"), {"sr.dcm": b"sr"})
+    proc = subprocess.Popen([sys.executable, "-c", _CRASHING_WRITER, str(tmp_path), str(ROOT),
+                             str(Path(__file__).parent)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        assert len(list(tmp_path.glob(".tmp-*"))) == 1  # its half-written result
+    finally:
+        proc.kill()
+        proc.wait()
+    restarted = Outbox(tmp_path)
+    assert _listed(restarted) == {"1.2.1", "1.2.9"}  # the stored one stays, the half-written one is gone
+    assert restarted.get("1.2.2") is None and not list(tmp_path.glob(".tmp-*"))
+    assert {d.uid for d in survivor.claim_due(time.time(), lease_s=60)} == {"1.2.1", "1.2.9"}
+
+
+def test_one_outbox_at_a_time_delivers_and_a_new_owner_takes_over_its_claims(tmp_path: Path) -> None:
+    first, second = Outbox(tmp_path), Outbox(tmp_path)
+    assert first.try_own() and not second.try_own()
+    first.put(_record("1.2.1"), {"sr.dcm": b"sr"})
+    [due] = first.claim_due(time.time(), lease_s=600)
+    assert second.claim_due(time.time(), lease_s=600) == []  # claimed
+    first.close()  # as when its process dies: the kernel drops the lock
+    assert second.try_own()
+    [again] = second.claim_due(time.time(), lease_s=600)  # no other deliverer is left: the claim is void
+    assert again.uid == due.uid and again.claim != due.claim
+
+
+def test_a_claim_that_is_no_longer_ours_is_neither_renewed_nor_settled(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path)
+    outbox.put(_record("1.2.1"), {"sr.dcm": b"sr"})
+    [stale] = outbox.claim_due(time.time(), lease_s=1)
+    [current] = outbox.claim_due(time.time() + 2, lease_s=60)  # the lease ran out: claimed afresh
+    delivered = Delivery(status="delivered", attempts=1, delivered_at=time.time())
+    assert not outbox.renew(stale, time.time(), 60)
+    assert not outbox.update_delivery(stale.uid, delivered, stale.revision, stale.claim)
+    assert outbox.get("1.2.1").delivery.status == "pending"
+    assert outbox.renew(current, time.time(), 60)
+    assert outbox.update_delivery(current.uid, delivered, current.revision, current.claim)
+    assert outbox.get("1.2.1").delivery.status == "delivered"
+
 
 ANSWER_S = 2.5  # each STOW-RS to the PACS takes this long
 TIMEOUT_S = 4.0  # OCT_PACS_TIMEOUT_S: a claim lasts 2 × 4 + 10 = 18 s, less than sending a burst takes
@@ -172,6 +282,7 @@ def _kill_while_writing(pids: list[int], results: Path, until: threading.Event) 
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux /proc to find and stop a writing worker")
 def test_two_workers_a_killed_writer_and_a_slow_pacs_deliver_each_result_once(tiny_model, tmp_path: Path,
                                                                              pacs: SlowPacs) -> None:
