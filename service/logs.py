@@ -47,10 +47,9 @@ def configure(log_format: str, level: str) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
-    # Neither format shows the caller's file and line, the thread or the process, so records need not collect them:
-    # the switches the logging HOWTO gives for this ("Optimization"). Finding the caller walks the stack on every
-    # record, and every scored request writes one (its audit line).
-    logging._srcfile = None
+    # Neither format shows the thread or the process, so records need not collect them: the public switches the
+    # logging HOWTO gives for this ("Optimization"). The caller's file and line are still looked up (a stack walk
+    # per record, ~6 µs: ~0.1 % of the service's own CPU per request); skipping it needs logging's private _srcfile.
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False

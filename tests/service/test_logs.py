@@ -31,3 +31,23 @@ def test_audit_line(fmt: str, capsys: pytest.CaptureFixture[str]) -> None:
                                                      "msg": "plain message"}
     else:
         assert plain_line.endswith("WARNING oct.test: plain message")
+
+
+def test_configure_uses_only_public_switches() -> None:
+    """Threads and processes are not collected (logging's public switches); the caller still is: configure leaves
+    logging's private _srcfile alone, so a record says where it was logged."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, logging.logThreads, logging.logProcesses, logging.logMultiprocessing
+    records: list[logging.LogRecord] = []
+    try:
+        logs.configure("json", "INFO")
+        capture = logging.Handler()
+        capture.emit = records.append  # type: ignore[method-assign]
+        root.addHandler(capture)
+        logging.getLogger("oct.test").info("here")
+    finally:
+        root.handlers[:], level, logging.logThreads, logging.logProcesses, logging.logMultiprocessing = saved
+        root.setLevel(level)
+    (record,) = records
+    assert record.thread is None and record.process is None
+    assert record.funcName == "test_configure_uses_only_public_switches"
