@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import sys
 
@@ -12,24 +10,7 @@ from pydantic import ValidationError
 from service import security
 
 
-def keep_freed_memory() -> None:
-    """glibc serves blocks over 128 KiB-ish with fresh mmaps and returns them on free, so every decoded image and
-    float copy of it page-faults in again (~1,000 faults a request, a third of its CPU time in the profile). Raising
-    the mmap and trim thresholds lets the heap reuse those blocks. Volumes past 32 MiB are still mmapped. No-op off
-    glibc."""
-    libc_name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(libc_name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_mmap_threshold, 32 * 1024 * 1024)
-    mallopt(m_trim_threshold, 256 * 1024 * 1024)
-
-
 def main() -> int:
-    keep_freed_memory()
     from service.settings import Settings
 
     try:
