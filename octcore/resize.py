@@ -89,7 +89,9 @@ def one_torch_thread() -> Iterator[None]:
     """torch's ops in this block run on the calling thread alone. The work here is a few passes over memory that
     cost more CPU split over torch's pool than on one thread. The count is per calling thread, so a forward pass
     running meanwhile in another thread keeps its own; but a thread whose first torch op falls inside the block
-    starts with one too (torch gives a new thread the count last set), so long-lived threads set theirs."""
+    starts with one too (torch gives a new thread the count last set), so long-lived threads set theirs.
+    A serving process sets 1 once on the threads that preprocess (the event loop, the engine's CPU threads), so there
+    this block finds 1 and changes nothing; it still matters in training's and export's processes."""
     n = torch.get_num_threads()
     if n == 1:
         yield

@@ -95,13 +95,16 @@ class Engine:
         # On CPU one batch at a time (inference already uses every thread torch has); on CUDA two, each on its own
         # stream, so the copies of one overlap the compute of the other.
         inflight = settings.inflight_batches or (2 if self.cuda else 1)
-        # The inference threads take torch's thread count as it is now (OCT_TORCH_THREADS, else torch's default), set
-        # when each starts: a thread's count is otherwise fixed at its first torch op, from whatever another thread
-        # last set, and preprocessing sets 1 around its resize on the event loop (octcore.resize.one_torch_thread).
+        # Each thread's torch count is set once, when it starts, and never changed per request: the inference threads
+        # take the count as it is now (OCT_TORCH_THREADS, else torch's default); the CPU threads, which decode and
+        # preprocess, take 1 (a resize is a few passes over memory: more CPU split over a pool than on one thread), as
+        # the event loop does in a serving process (service.processes.serve_one). Without that, a thread's count
+        # is fixed at its first torch op from whatever another thread last set.
         self._infer_pool = ThreadPoolExecutor(max_workers=inflight, thread_name_prefix="oct-infer",
                                               initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
         self._local = threading.local()  # per inference thread: CUDA stream and pinned staging buffer
-        self.cpu_pool = ThreadPoolExecutor(max_workers=max(1, settings.cpu_workers), thread_name_prefix="oct-cpu")
+        self.cpu_pool = ThreadPoolExecutor(max_workers=max(1, settings.cpu_workers), thread_name_prefix="oct-cpu",
+                                           initializer=torch.set_num_threads, initargs=(1,))
         self._inline = settings.cpu_workers == 0
         self.batcher: Batcher[Outputs] = Batcher(
             self._infer, self._infer_pool, max_batch_size=settings.max_batch_size,
@@ -334,7 +337,8 @@ class Engine:
         m = self.manifest
         return ModelSummary(
             name=m.name, version=m.version, device=self.device, format=m.format, sha256=m.sha256,
-            torch_version=m.torch_version, created=m.created, input_size=m.input.size, preprocessing=m.preprocessing,
+            torch_version=m.torch_version, created=m.created, input_size=m.input.size,
+            preprocessing=m.preprocessing.to_dict(),
             maps=m.maps, primary_score=m.primary_score, overlay_score=self.overlay,
             max_batch_size=self.settings.max_batch_size,
             evaluation=m.evaluation,

@@ -1,0 +1,33 @@
+"""Each of the engine's threads gets its torch thread count once, when it starts: the inference threads the model's
+count, the CPU threads (decoding, preprocessing) one; preprocessing then changes no count per request."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from octcore.resize import resize
+from service.engine import Engine
+from service.metrics import Metrics
+from service.settings import Settings
+
+
+def test_thread_counts_are_fixed_per_thread(tiny_model, monkeypatch) -> None:
+    before = torch.get_num_threads()
+    try:
+        engine = Engine.load(Settings(model_store=tiny_model.store, model_name=tiny_model.name, device="cpu",
+                                      torch_threads=2, warmup=False, cpu_workers=1), Metrics())
+        assert engine._infer_pool.submit(torch.get_num_threads).result() == 2
+        assert engine.cpu_pool.submit(torch.get_num_threads).result() == 1
+        calls: list[int] = []
+        real = torch.set_num_threads
+        monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real(n)))
+        image = np.random.default_rng(0).integers(0, 256, (496, 512), dtype=np.uint8)
+        out = engine.cpu_pool.submit(resize, image, engine.size).result()
+        assert out.shape == (engine.size, engine.size)
+        assert calls == [], "a resize on a CPU thread changed torch's thread count"
+        assert engine._infer_pool.submit(torch.get_num_threads).result() == 2
+        engine._infer_pool.shutdown()
+        engine.cpu_pool.shutdown()
+    finally:
+        torch.set_num_threads(before)
