@@ -33,9 +33,9 @@ from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.settings import Settings
-from service.transport import CoalescingHttpToolsProtocol
 
 log = logging.getLogger("oct.processes")
 
@@ -104,7 +104,7 @@ class CloseWhenDraining:
         await self.app(scope, receive, send_closing)
 
 
-class DrainingHttpToolsProtocol(CoalescingHttpToolsProtocol):
+class DrainingHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's shutdown closes every connection that has no request in progress: also one accepted a moment before
     whose request is still on its way, or half received, and that client sees a reset although nothing refused it.
     Here such a connection keeps uvicorn's keep-alive timeout (5 s) for its request to arrive, which is then answered
@@ -215,6 +215,12 @@ def serve_one(settings: Settings, engine: Any, sock: socket.socket, state: Servi
     from service.main import create_app
 
     app = create_app(settings, engine=engine, serving=state)
+    # The event loop decodes and preprocesses (OCT_CPU_WORKERS=0): one torch thread, set once for the process's
+    # lifetime, so preprocessing's resize finds its count at 1 and changes nothing per request. The engine's
+    # inference threads took the model's count already (service/engine.py).
+    import torch
+
+    torch.set_num_threads(1)
     # Everything allocated so far (torch, the model, FastAPI's and pydantic's schemas: ~460,000 tracked objects) lives
     # as long as the process. Left to the collector, each full collection walked all of it: ~190 ms with the event
     # loop stopped, every ~10 s under load (2 % of the CPU, and every request in flight 190 ms late). Frozen, they are
