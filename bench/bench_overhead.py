@@ -6,7 +6,7 @@ The scorer is `bench/null_scorer.py` built from `--model_dir`'s manifest (the sa
 so what is measured is decoding, preprocessing, batching, heatmaps, HTTP and JSON. For JPEG, PNG and DICOM uploads
 (multipart, one 512×496 B-scan), heatmaps off and on, it reports the CPU-seconds of the service's whole process tree
 (every process and thread: /proc/<pid>/stat utime+stime, children included) per answered request, and the same for
-a bare FastAPI endpoint that only reads the upload (`bench/service_bare_app.py`). CPU-seconds per request does not
+a bare Starlette endpoint that only reads the upload (`bench/overhead_bare_app.py`). CPU-seconds per request does not
 depend on what else runs on the machine; requests per second does, so the scaling table also prints the cores the
 service used and the load average.
 
@@ -201,7 +201,7 @@ def main() -> None:
           f"extra env {extra or '-'}")
 
     port = free_port()
-    bare = start([sys.executable, "-m", "uvicorn", "bench.service_bare_app:app", "--port", str(port),
+    bare = start([sys.executable, "-m", "uvicorn", "bench.overhead_bare_app:app", "--port", str(port),
                   "--log-level", "warning"], {}, port, svc_cpus)
     try:
         body = multipart(*files["jpeg"])
