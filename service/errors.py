@@ -155,7 +155,11 @@ def install(app: FastAPI) -> None:
 
 
 def _document_validation_problems(app: FastAPI) -> None:
-    """FastAPI documents every 422 as `application/json` HTTPValidationError; the service answers problem+json."""
+    """FastAPI documents every 422 as `application/json` HTTPValidationError; the service answers problem+json.
+
+    FastAPI's documented way to change the generated schema ("Extending OpenAPI"): replace `app.openapi` with a
+    function that builds the schema once, edits it and caches it in `app.openapi_schema`. It builds with FastAPI's
+    own `app.openapi` rather than `get_openapi(...)`, so the app's title, version and servers stay FastAPI's."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
