@@ -10,17 +10,21 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import math
 import warnings
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from octcore.preprocess import Preprocessing
 
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.pt"
-FORMAT_VERSION = 1
+# 2: a typed, strict `preprocessing`; calibration `tail` (fitted threshold, frame-count-aware volume threshold).
+# A reader refuses a manifest newer than itself: it could not know what the newer fields ask it to do.
+FORMAT_VERSION = 2
 
 
 class ModelStoreError(Exception):
@@ -41,8 +45,32 @@ class ScoreSpec(BaseModel):
     higher_is_anomalous: bool = True
 
 
+class TailFit(BaseModel):
+    """A parametric fit of the normal scores: `normal` on the score, or `lognormal` (normal on its log) for a score
+    that is positive on every normal image. A few dozen normal scans pin a mean and a spread far better than the
+    95th percentile among them, and the fit gives the threshold of a volume of any number of B-scans."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    family: Literal["normal", "lognormal"]
+    mu: float
+    sigma: float = Field(gt=0)
+
+    def quantile(self, q: float) -> float:
+        z = self.mu + self.sigma * NormalDist().inv_cdf(q)
+        return math.exp(z) if self.family == "lognormal" else z
+
+
 class Calibration(BaseModel):
-    """Distribution of one score on NORMAL validation images; the decision threshold sits at a percentile of it."""
+    """Distribution of one score on NORMAL validation images and the decision threshold drawn from it.
+
+    With a `tail` (format 2), `threshold` is the fit's quantile at `threshold_percentile` / 100: the B-scan
+    specificity aimed at. A volume of n B-scans is anomalous when its most anomalous B-scan passes
+    `volume_threshold(n)`, the quantile at (p / 100) ** (1 / n): were the B-scans of a normal eye independent, its
+    maximum would pass that as rarely as one normal B-scan passes `threshold`. Without a tail (format 1),
+    `threshold` is the empirical percentile and a volume uses it unchanged."""
+
+    model_config = ConfigDict(extra="forbid")
 
     n: int
     mean: float
@@ -52,6 +80,17 @@ class Calibration(BaseModel):
     threshold: float
     # Heatmap PNG value v in 0..255 stands for map value v / 255 * map_scale (map_scale: a high normal percentile).
     map_scale: float | None = None
+    tail: TailFit | None = None
+
+    def volume_threshold(self, n_frames: int, higher_is_anomalous: bool = True) -> float:
+        """The threshold on the maximum (for a lower-when-anomalous score: the minimum) of `n_frames` B-scans'
+        scores. One frame: `threshold`."""
+        if self.tail is None or n_frames <= 1:
+            return self.threshold
+        q = self.threshold_percentile / 100.0
+        if higher_is_anomalous:
+            return self.tail.quantile(q ** (1.0 / n_frames))
+        return self.tail.quantile(1.0 - (1.0 - q) ** (1.0 / n_frames))
 
     def percentile_of(self, score: float) -> float:
         """Where `score` falls among the normal images, 0–100 (linear between the stored percentiles)."""
@@ -67,7 +106,8 @@ class Calibration(BaseModel):
 
 
 class Manifest(BaseModel):
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    # Strict: a field this code does not know is something a newer exporter expects the reader to honour.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     format: Literal["torchscript"] = "torchscript"
     format_version: int = FORMAT_VERSION
@@ -78,7 +118,7 @@ class Manifest(BaseModel):
     torch_version: str
     created: str
     input: InputSpec
-    preprocessing: dict[str, Any]
+    preprocessing: Preprocessing
     maps: list[str]
     scores: dict[str, ScoreSpec]
     primary_score: str
@@ -93,8 +133,18 @@ class Manifest(BaseModel):
         return self.overlay_score if self.overlay_score is not None else default_overlay(self.primary_score,
                                                                                           self.scores)
 
+    @field_validator("preprocessing", mode="before")
+    @classmethod
+    def _every_preprocessing_field(cls, v: Any) -> Any:
+        # Missing fields would take this code's defaults, which need not be what the model was trained with.
+        if isinstance(v, dict):
+            missing = sorted(set(Preprocessing.__dataclass_fields__) - set(v))
+            if missing:
+                raise ValueError(f"preprocessing lacks field(s) {', '.join(missing)}")
+        return v
+
     def preprocessing_config(self) -> Preprocessing:
-        return Preprocessing.from_dict(self.preprocessing)
+        return self.preprocessing
 
     def check_consistent(self) -> None:
         if self.primary_score not in self.scores:
@@ -105,7 +155,7 @@ class Manifest(BaseModel):
         missing = sorted(set(self.scores) - set(self.calibration))
         if missing:
             raise ModelStoreError(f"no calibration for scores {missing}")
-        if int(self.preprocessing.get("size", self.input.size)) != self.input.size:
+        if self.preprocessing.size != self.input.size:
             raise ModelStoreError("preprocessing.size differs from input.size")
 
 
@@ -152,9 +202,19 @@ def resolve_version_dir(store: Path, name: str, version: int | None = None) -> P
 def read_manifest(version_dir: Path) -> Manifest:
     path = Path(version_dir) / MANIFEST_FILE
     try:
-        manifest = Manifest.model_validate_json(path.read_bytes())
+        raw = json.loads(path.read_bytes())
     except FileNotFoundError as e:
         raise ModelStoreError(f"{path} does not exist") from e
+    except ValueError as e:
+        raise ModelStoreError(f"{path} is not a valid manifest: not JSON ({e})") from e
+    # Checked before the fields: a newer format fails on fields this reader does not know, and the reason to give
+    # is the version, not the first unknown field.
+    version = raw.get("format_version", FORMAT_VERSION) if isinstance(raw, dict) else FORMAT_VERSION
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ModelStoreError(f"{path}: format_version {version!r} is newer than this software reads "
+                              f"({FORMAT_VERSION}); upgrade the service to serve this model")
+    try:
+        manifest = Manifest.model_validate(raw)
     except ValueError as e:
         first = str(e).splitlines()
         raise ModelStoreError(f"{path} is not a valid manifest: {' '.join(first[:3])}") from e

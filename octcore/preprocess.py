@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
+from pydantic import ConfigDict
 
 from octcore.resize import FILTERS, resize
 
@@ -21,6 +22,10 @@ _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
 @dataclass(frozen=True)
 class Preprocessing:
     """Everything needed to reproduce the model's input. Serialised verbatim into the manifest."""
+
+    # The manifest validates this dataclass strictly: a field this code does not know is a preprocessing step it
+    # would silently skip, so a manifest carrying one is refused rather than served without it.
+    __pydantic_config__ = ConfigDict(extra="forbid")
 
     size: int = 256
     # Kermany scans carry pure-white padding at the sides/top; a row or column counts as margin when at least
@@ -40,7 +45,16 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        """Strict: every field, and nothing else. A missing field would silently take today's default and an unknown
+        one would be a step this code does not perform; either way the model would see other pixels than in
+        training."""
+        fields = set(cls.__dataclass_fields__)
+        unknown, missing = sorted(set(d) - fields), sorted(fields - set(d))
+        if unknown or missing:
+            raise ValueError("preprocessing " + "; ".join(
+                ([f"has unknown field(s) {', '.join(unknown)}"] if unknown else [])
+                + ([f"lacks field(s) {', '.join(missing)}"] if missing else [])))
+        return cls(**d)
 
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,

@@ -12,7 +12,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from octcore.manifest import Calibration
+from octcore.manifest import Calibration, TailFit
 from octcore.preprocess import Preprocessing
 from training.data import OCTImages
 
@@ -64,17 +64,37 @@ def _cat(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
-def calibrate(values: np.ndarray, threshold_percentile: float, map_samples: np.ndarray | None) -> Calibration:
-    """Normal-image score distribution; threshold at `threshold_percentile` (so ~100-p % of normals are flagged)."""
+def fit_tail(values: np.ndarray) -> TailFit | None:
+    """Normal (or, for a score positive on every image, log-normal) fit of normal scores; None below 3 images or for
+    a constant score. The anomaly scores are means of a map's top pixels: bounded below, skewed to the right, which
+    a log straightens."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size < 3:
+        return None
+    family = "lognormal" if v.min() > 0 else "normal"
+    x = np.log(v) if family == "lognormal" else v
+    sigma = float(x.std(ddof=1))
+    if not np.isfinite(sigma) or sigma <= 1e-12 * max(1.0, abs(float(x.mean()))):
+        return None
+    return TailFit(family=family, mu=float(x.mean()), sigma=sigma)
+
+
+def calibrate(values: np.ndarray, threshold_percentile: float, map_samples: np.ndarray | None,
+              fit: str = "tail") -> Calibration:
+    """Normal-image score distribution and its decision threshold at `threshold_percentile`: of the fitted tail
+    (`fit="tail"`, falling back to the empirical percentile where no fit is possible) or of the images themselves
+    (`fit="empirical"`). Either way about 100 - p % of normal B-scans are flagged."""
     if values.size == 0:
         raise ValueError("no normal images to calibrate on")
     map_scale = None
     if map_samples is not None and map_samples.size:
         map_scale = float(max(np.percentile(map_samples, 99.5), 1e-8))
+    tail = fit_tail(values) if fit == "tail" else None
+    p = threshold_percentile
+    threshold = tail.quantile(p / 100) if tail else float(np.percentile(values, p))
     return Calibration(n=int(values.size), mean=float(values.mean()), std=float(values.std()),
                        percentiles=[float(v) for v in np.percentile(values, np.arange(101))],
-                       threshold_percentile=threshold_percentile,
-                       threshold=float(np.percentile(values, threshold_percentile)), map_scale=map_scale)
+                       threshold_percentile=threshold_percentile, threshold=threshold, map_scale=map_scale, tail=tail)
 
 
 def separation(normal: np.ndarray, abnormal: np.ndarray) -> dict[str, float]:

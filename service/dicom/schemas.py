@@ -11,9 +11,11 @@ from service.schemas import HEATMAP_SCALE_DOC, PREVIEW_DOC, HeatmapBox, ModelRef
 
 AGGREGATION_DOC = (
     "Volume result = the most anomalous frame's: `score` is the maximum of the frames' primary scores (the minimum "
-    "for a model whose primary score is lower-when-anomalous), `max_frame` is that frame's index, and `scores`, "
-    "`percentile` and `is_anomalous` are that frame's. So the volume is anomalous exactly when at least one B-scan "
-    "is, and `max_frame` says where to look first."
+    "for a model whose primary score is lower-when-anomalous), `max_frame` is that frame's index, and `scores` and "
+    "`percentile` are that frame's. The volume is anomalous when that score passes the volume's `threshold`, which "
+    "depends on the number of frames: the normal scans' fitted score distribution at the B-scan specificity raised "
+    "to the power 1/frames (one frame: the B-scan threshold), so a normal volume of many B-scans is flagged about as "
+    "rarely as one normal B-scan. Each frame's `is_anomalous` is against the B-scan threshold."
 )
 
 
@@ -43,7 +45,7 @@ class VolumeScoreResult(BaseModel):
     aggregation: Literal["max"] = Field(default="max", description=AGGREGATION_DOC)
     score: float = Field(description="Volume score: " + AGGREGATION_DOC)
     scores: dict[str, float] = Field(description="Every score of the most anomalous frame")
-    threshold: float = Field(description="Decision threshold on the primary score (per frame and for the volume)")
+    threshold: float = Field(description="The volume's decision threshold on `score` (see aggregation)")
     is_anomalous: bool
     percentile: float
     max_frame: int = Field(description="0-based index of the most anomalous frame")

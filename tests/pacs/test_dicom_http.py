@@ -17,6 +17,7 @@ from oct_dicom import PHI, compress, oct_dataset, phantom_frames, to_bytes
 from PIL import Image
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless
 
+from octcore.manifest import read_manifest
 from service.multipart import build_related
 
 pytestmark = pytest.mark.slow
@@ -50,7 +51,7 @@ def png(frame: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def test_volume_scores_per_frame_equal_png_scores(service: Service) -> None:
+def test_volume_scores_per_frame_equal_png_scores(service: Service, tiny_model) -> None:
     ds = oct_dataset(FRAMES)
     r = post_dicom(service, to_bytes(ds), heatmaps="true")
     assert r.status_code == 200, r.text
@@ -68,7 +69,12 @@ def test_volume_scores_per_frame_equal_png_scores(service: Service) -> None:
         assert Image.open(io.BytesIO(heatmap)).format == "PNG"
     scores = [f["score"] for f in body["frames"]]
     assert body["score"] == max(scores) and body["max_frame"] == int(np.argmax(scores))
-    assert body["is_anomalous"] == any(f["is_anomalous"] for f in body["frames"])
+    # The volume's threshold is the fitted normal tail's for 3 frames: above the B-scan threshold each frame uses.
+    manifest = read_manifest(tiny_model.version_dir)
+    cal = manifest.calibration[manifest.primary_score]
+    assert body["threshold"] == pytest.approx(cal.volume_threshold(3)) and body["threshold"] > cal.threshold
+    assert body["is_anomalous"] == (body["score"] > body["threshold"])
+    assert [f["is_anomalous"] for f in body["frames"]] == [f["score"] > cal.threshold for f in body["frames"]]
     for value in PHI.values():
         assert value not in r.text
 

@@ -15,7 +15,7 @@ import yaml
 from export_probe import score_without_training
 from PIL import Image
 
-from octcore.manifest import load_scorer
+from octcore.manifest import TailFit, load_scorer
 from octcore.preprocess import preprocess
 from training.checkpoint import load_checkpoint
 from training.export import build_scorer, fit_normal_statistics
@@ -43,10 +43,13 @@ def test_manifest_contract(tiny_model) -> None:
     assert {"residual", "alm"} <= set(man["scores"]) and man["primary_score"] in man["scores"]
     for k in man["scores"]:
         c = man["calibration"][k]
-        assert len(c["percentiles"]) == 101 and c["percentiles"][95] == pytest.approx(c["threshold"])
+        assert len(c["percentiles"]) == 101 and c["threshold_percentile"] == 95
+        tail = TailFit.model_validate(c["tail"])  # the threshold is the fitted tail's 95th percentile
+        assert c["threshold"] == pytest.approx(tail.quantile(0.95))
         assert c["map_scale"] > 0 if man["scores"][k]["map"] else c["map_scale"] is None  # alm_raw has no map
     assert man["training"]["config"]["epochs"] == 10
     assert set(man["evaluation"]["held_out"]) == set(man["scores"])
+    assert "abnormal training scans" in man["evaluation"]["held_out_evidence"]  # the phantom ships some
 
 
 def test_scorer_loads_without_training_and_matches_eager(tiny_model) -> None:
