@@ -10,6 +10,11 @@ from pathlib import Path
 import torch
 
 
+class CheckpointError(Exception):
+    """A file is not a usable checkpoint of this project. `str()` is a one-line reason; the command-line entry
+    points turn it into a message and a non-zero exit."""
+
+
 def save_checkpoint(ckpt: dict, path: Path) -> None:
     """Write atomically: a crash mid-write must not destroy the previous last.ckpt."""
     tmp = path.with_name(path.name + ".tmp")
@@ -19,19 +24,19 @@ def save_checkpoint(ckpt: dict, path: Path) -> None:
 
 def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = ("model_config", "model"),
                     kind: str = "VQ-VAE") -> dict:
-    """Load `path`, or `<path>/last.ckpt` when given a run folder. Exits with a message when it is not a checkpoint
-    holding the `required` keys."""
+    """Load `path`, or `<path>/last.ckpt` when given a run folder. Raises when it is not a checkpoint
+    holding the `required` keys: CheckpointError otherwise."""
     p = Path(path)
     if p.is_dir():
         p = p / "last.ckpt"
     if not p.is_file():
-        raise SystemExit(f"error: checkpoint {p} does not exist")
+        raise CheckpointError(f"checkpoint {p} does not exist")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated or foreign file
-        raise SystemExit(f"error: {p} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{p} is not a readable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in required):
-        raise SystemExit(f"error: {p} is not a {kind} checkpoint of this project")
+        raise CheckpointError(f"{p} is not a {kind} checkpoint of this project")
     ckpt["path"] = str(p)
     return ckpt
 

@@ -23,11 +23,12 @@ import numpy as np
 import torch
 
 from octcore.preprocess import Preprocessing
-from training.checkpoint import load_checkpoint
+from training.checkpoint import CheckpointError, load_checkpoint
 from training.data import CLASSES, DataError, list_images, resolve_data_root
 from training.device import pick_device
 from training.evaluate import roc, score_files, separation
 from training.export import (
+    ExportError,
     add_prior_args,
     build_scorer,
     calibration_files,
@@ -84,7 +85,10 @@ def lesion_masks(oct_root: Path, split: str, files: dict[str, list[Path]], prep:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     ckpt_path = resolve_checkpoint(args.model_dir)
-    ckpt = load_checkpoint(ckpt_path)
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
     try:
         oct_root = resolve_data_root(args.data_root or ckpt["train_config"]["data_root"])
     except DataError as e:
@@ -95,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {oct_root}/{args.split} needs NORMAL and at least one disease folder with images")
     device = pick_device(args.device)
     prep = Preprocessing.from_dict(ckpt["preprocessing"])
-    scorer, specs, _ = build_scorer(ckpt, args.top_fraction, not args.no_prior, args.restore_samples,
-                                    args.restore_max_positions, args.nll_top_fraction)
+    try:
+        scorer, specs, _ = build_scorer(ckpt, args.top_fraction, not args.no_prior, args.restore_samples,
+                                        args.restore_max_positions, args.nll_top_fraction)
+    except (ExportError, CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from None
     scorer = scorer.to(device)
     fit_normal_statistics(scorer, ckpt, oct_root, prep, device, args.batch_size)
     score_names = list(specs)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.checkpoint import load_checkpoint
+from training.checkpoint import CheckpointError, load_checkpoint
 
 PRIOR_DIR = "prior"  # <run>/prior/: where training.train_prior writes and training.export looks
 
@@ -138,12 +138,12 @@ def find_prior_checkpoint(vqvae_ckpt_path: Path) -> Path | None:
 
 
 def load_prior_checkpoint(path: Path, vqvae_ckpt: dict) -> dict:
-    """Load a prior checkpoint and check it belongs to `vqvae_ckpt`. Exits with a message otherwise."""
+    """Load a prior checkpoint and check it belongs to `vqvae_ckpt`. CheckpointError otherwise."""
     ckpt = load_checkpoint(path, required=("prior_config", "model"), kind="prior")
     if "position_nll" not in ckpt:  # written when training.train_prior finishes
-        raise SystemExit(f"error: {path} is from an unfinished training.train_prior run; rerun it")
+        raise CheckpointError(f"{path} is from an unfinished training.train_prior run; rerun it")
     if ckpt.get("codebook_sha256") != codebook_fingerprint(vqvae_ckpt):
-        raise SystemExit(f"error: the prior {path} was trained on the codes of another VQ-VAE checkpoint "
+        raise CheckpointError(f"the prior {path} was trained on the codes of another VQ-VAE checkpoint "
                          f"({ckpt.get('vqvae_checkpoint')}); rerun training.train_prior, or leave the prior out")
     ckpt["path"] = str(path)
     return ckpt

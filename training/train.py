@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from octcore.preprocess import Preprocessing
 from training import distributed as dist
-from training.checkpoint import load_checkpoint, save_checkpoint, write_history
+from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_history
 from training.data import (
     Augment,
     DataError,
@@ -173,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     validate_args(args)
     torch.manual_seed(args.seed)
     with dist.session(pick_device(args.device)) as device:
-        train(args, device)
+        try:
+            train(args, device)
+        except CheckpointError as e:
+            raise SystemExit(f"error: {e}") from None
     return 0
 
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Tens
 from tqdm import tqdm
 
 from training import distributed as dist
-from training.checkpoint import load_checkpoint, save_checkpoint, write_history
+from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_history
 from training.device import pick_device
 from training.export import resolve_checkpoint
 from training.prior import PRIOR_DIR, GatedPixelCNN, PriorConfig, codebook_fingerprint
@@ -117,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     validate_args(args)
     torch.manual_seed(args.seed)
     with dist.session(pick_device(args.device)) as device:
-        train(args, device)
+        try:
+            train(args, device)
+        except CheckpointError as e:
+            raise SystemExit(f"error: {e}") from None
     return 0
 
 

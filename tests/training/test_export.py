@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from octcore.manifest import ScoreSpec
-from training.export import auroc_standard_error, choose_primary
+from training.export import PREFERRED_SCORE, ExportError, auroc_standard_error, choose_primary
 
-SPECS = {k: ScoreSpec(description=k, map=None) for k in ("residual", "alm", "nll", "combined")}
+SPECS = {k: ScoreSpec(description=k, map=None) for k in ("residual", "alm", "nll", "fused", "combined")}
 
 
 def _held_out(**aurocs: float) -> dict[str, dict]:
@@ -21,24 +21,26 @@ def test_hanley_mcneil_standard_error_by_hand() -> None:
     assert auroc_standard_error(0.9, 1000, 1000) < auroc_standard_error(0.9, 30, 30)
 
 
-def test_combined_wins_within_one_standard_error_of_the_best() -> None:
-    """The demo phantom's held-out numbers: residual 0.932 vs combined 0.911 is within noise (SE ≈ 0.025)."""
-    assert choose_primary(_held_out(residual=0.932, alm=0.855, nll=0.824, combined=0.911), SPECS, None) == "combined"
+def test_the_preferred_score_wins_within_one_standard_error_of_the_best() -> None:
+    """71 + 30 scans: residual 0.932 vs fused 0.911 is within noise (SE ≈ 0.025)."""
+    assert PREFERRED_SCORE == "fused"
+    held = _held_out(residual=0.932, alm=0.855, nll=0.824, fused=0.911, combined=0.92)
+    assert choose_primary(held, SPECS, None) == "fused"
 
 
 def test_a_clearly_better_score_still_wins() -> None:
-    assert choose_primary(_held_out(residual=0.99, alm=0.7, nll=0.7, combined=0.85), SPECS, None) == "residual"
-    assert choose_primary(_held_out(residual=0.8, alm=0.6), SPECS, None) == "residual"  # no combined (no prior)
+    assert choose_primary(_held_out(residual=0.99, alm=0.7, nll=0.7, fused=0.85), SPECS, None) == "residual"
+    assert choose_primary(_held_out(residual=0.8, alm=0.6), SPECS, None) == "residual"  # no fused scored
 
 
-def test_without_held_out_scans_combined_pools_the_evidence() -> None:
-    assert choose_primary({}, SPECS, None) == "combined"
-    assert choose_primary({}, {k: SPECS[k] for k in ("residual", "alm")}, None) == "residual"  # no prior
+def test_without_held_out_scans_the_preferred_score_is_served() -> None:
+    assert choose_primary({}, SPECS, None) == "fused"
+    assert choose_primary({}, {k: SPECS[k] for k in ("residual", "alm")}, None) == "residual"  # no fused
 
 
 def test_requested_score_overrides_and_unknown_is_refused() -> None:
-    held = _held_out(residual=0.9, combined=0.95)
+    held = _held_out(residual=0.9, fused=0.95)
     assert choose_primary(held, SPECS, "alm") == "alm"
-    with pytest.raises(SystemExit, match="not one of"):
+    with pytest.raises(ExportError, match="not one of"):
         choose_primary(held, SPECS, "bogus")
 

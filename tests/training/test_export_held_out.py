@@ -32,6 +32,6 @@ def test_large_sets_are_a_seeded_draw(tmp_path: Path) -> None:
     assert {f.parent.name for f in a} == {"CNV", "DME", "DRUSEN"}
 
 
-def test_bad_held_out_flags_are_refused() -> None:
-    with pytest.raises(SystemExit, match="--heldout_max must be positive"):
-        main(["--model_dir", "nowhere.ckpt", "--heldout_max", "0"])
+def test_bad_held_out_flags_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--model_dir", "nowhere.ckpt", "--heldout_max", "0"]) == 2
+    assert "error: --heldout_max must be positive" in capsys.readouterr().err

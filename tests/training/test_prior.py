@@ -19,7 +19,7 @@ from PIL import Image
 from octcore.manifest import load_scorer
 from octcore.preprocess import Preprocessing, preprocess
 from training import train_prior
-from training.checkpoint import load_checkpoint
+from training.checkpoint import CheckpointError, load_checkpoint
 from training.export import auroc_standard_error, build_scorer
 from training.model import VQVAE
 from training.prior import GatedPixelCNN, PriorConfig, find_prior_checkpoint, load_prior_checkpoint
@@ -107,7 +107,7 @@ def test_prior_of_another_vqvae_is_refused(tiny_prior_model, tiny_model) -> None
     other = load_checkpoint(tiny_model.ckpt)
     other["model"] = dict(other["model"])
     other["model"]["quantizer.codebook.embedding"] = other["model"]["quantizer.codebook.embedding"] + 1
-    with pytest.raises(SystemExit, match="another VQ-VAE checkpoint"):
+    with pytest.raises(CheckpointError, match="another VQ-VAE checkpoint"):
         load_prior_checkpoint(find_prior_checkpoint(tiny_prior_model.ckpt), other)
 
 
@@ -147,9 +147,9 @@ def test_export_includes_nll_and_its_calibration(tiny_prior_model, tiny_model) -
     aurocs = {k: v["auroc"] for k, v in man["evaluation"]["held_out"].items()}
     best = max(aurocs, key=aurocs.get)
     held = man["evaluation"]["held_out"][best]
-    close = aurocs[best] - aurocs["combined"] <= auroc_standard_error(aurocs[best], held["n_normal"],
-                                                                      held["n_abnormal"])
-    assert man["primary_score"] == ("combined" if close else best)
+    close = aurocs[best] - aurocs["fused"] <= auroc_standard_error(aurocs[best], held["n_normal"],
+                                                                   held["n_abnormal"])
+    assert man["primary_score"] == ("fused" if close else best)
     assert man["training"]["prior"]["prior_config"]["n_layers"] == 4
     # A run without a prior exports exactly what it did before.
     plain = json.loads((tiny_model.version_dir / "manifest.json").read_text())
