@@ -48,7 +48,7 @@ MASKS = "masks"  # OCT2017/masks/<split>/<CLASS>/<stem>.png: lesion ground truth
 GENERATOR_VERSION = 3  # 2: lesion masks; 3: JPEG quality 75 (the real scans' tables)
 _NAME = re.compile(r"^(NORMAL|CNV|DME|DRUSEN)-(\d+)-(\d+)\.jpeg$")
 # Distinct tags keep image and patient RNG streams apart.
-_IMAGE_TAG, _PATIENT_TAG = 0, 1
+_IMAGE_TAG, _PATIENT_TAG, _VOLUME_TAG = 0, 1, 2
 
 # Layers from the vitreous down, with mean display reflectivity (0–255 before speckle). Lesion layers have zero
 # thickness in healthy eyes. Spectralis: NFL and the RPE/EZ complex bright, nuclear layers dark.
@@ -158,8 +158,9 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], cells: tuple
     return field / max(float(field.std()), 1e-6)
 
 
-def _healthy_eye(rng: np.random.Generator, height: int, width: int) -> _Eye:
-    """Normal macular anatomy (thicknesses in rows, ~3.9 µm each as on Spectralis) with per-scan variation."""
+def _healthy_eye(rng: np.random.Generator, height: int, width: int, pit_scale: float = 1.0) -> _Eye:
+    """Normal macular anatomy (thicknesses in rows, ~3.9 µm each as on Spectralis) with per-scan variation.
+    `pit_scale` < 1 shallows the foveal pit: a B-scan of a volume that passes beside the fovea."""
     s = width / WIDTH
     x = np.arange(width, dtype=np.float64) / s
     xc = WIDTH / 2
@@ -172,6 +173,7 @@ def _healthy_eye(rng: np.random.Generator, height: int, width: int) -> _Eye:
 
     fovea = rng.uniform(0.35, 0.65) * WIDTH
     depth = 0.0 if rng.random() < 0.08 else rng.uniform(0.75, 1.0)  # a few scans miss the fovea
+    depth *= pit_scale
     width_pit = rng.uniform(20.0, 34.0)
     dx = (x - fovea) / width_pit
     pit = depth * np.exp(-np.abs(dx) ** 1.8)
@@ -496,16 +498,22 @@ def render_bscan(rng: np.random.Generator, cls: str, height: int = HEIGHT, width
 
 
 def render_bscan_and_mask(rng: np.random.Generator, cls: str, height: int = HEIGHT, width: int = WIDTH, *,
-                          lesion: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                          lesion: bool = True, eye_seeds: tuple[int, int] | None = None,
+                          pit_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """`render_bscan` plus its lesion mask: bool (height, width), true where the generator drew the lesion (see
-    `_lesion_mask`); all false for NORMAL. Computing the mask draws nothing from `rng`, so the scan is the same."""
+    `_lesion_mask`); all false for NORMAL. Computing the mask draws nothing from `rng`, so the scan is the same.
+
+    `eye_seeds` (eye, lesion) fix the anatomy and the lesion, so B-scans of one volume share them while `rng` still
+    draws each one's speckle; `pit_scale` places the B-scan nearer to or farther from the fovea."""
     if cls not in CLASSES:
         raise ValueError(f"unknown class {cls!r}; expected one of {', '.join(CLASSES)}")
     if height < 64 or width < 64:
         raise ValueError(f"image must be at least 64×64, got {width}×{height}")
     eye_rng, lesion_rng, rng = (np.random.default_rng(int(s)) for s in rng.integers(0, 2**63, size=3))
+    if eye_seeds is not None:
+        eye_rng, lesion_rng = (np.random.default_rng(int(s)) for s in eye_seeds)
     shape = (height, width)
-    eye = _healthy_eye(eye_rng, height, width)
+    eye = _healthy_eye(eye_rng, height, width, pit_scale)
     healthy_thick = eye.thick.copy()
     intens = np.array([v for _, v in _LAYERS], dtype=np.float32) * eye_rng.uniform(0.85, 1.1, len(_LAYERS))
     cls = cls if lesion else "NORMAL"
@@ -674,6 +682,54 @@ def _render_item(item: _Item, seed: int, out: Path) -> None:
         Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(mask_path(out, item.split, item.cls, item.name))
 
 
+# A volume's B-scans are this many frames apart in units of the foveal pit's half-width: Spectralis's 49-scan macular
+# cube spaces B-scans ~120 µm apart, and the pit's half-width is ~300 µm.
+_PIT_HALF_WIDTH_FRAMES = 2.5
+
+
+def render_volume(rng: np.random.Generator, cls: str, frames: int, lesion_frames: int = 5, height: int = HEIGHT,
+                  width: int = WIDTH) -> tuple[np.ndarray, np.ndarray]:
+    """One eye scanned as `frames` parallel B-scans across the macula, the fovea in the middle one: uint8
+    (frames, height, width) and, per frame, whether it shows the lesion. For an abnormal `cls` the lesion lies in
+    `lesion_frames` consecutive B-scans around a frame drawn from the central half; the rest are its healthy
+    twins (the same eye without the lesion), as in a real eye with one focal lesion."""
+    if frames < 1 or lesion_frames < 1:
+        raise ValueError("a volume needs at least one frame and a lesion at least one")
+    eye_seeds = (int(rng.integers(0, 2**63)), int(rng.integers(0, 2**63)))
+    centre = (frames - 1) / 2
+    lesion_at = int(rng.integers(frames // 4, max(frames // 4 + 1, 3 * frames // 4)))
+    lesioned = np.zeros(frames, dtype=bool)
+    if cls != "NORMAL":
+        lesioned[max(0, lesion_at - lesion_frames // 2):lesion_at - lesion_frames // 2 + lesion_frames] = True
+    scans = np.stack([
+        render_bscan_and_mask(rng, cls, height, width, lesion=bool(lesioned[k]), eye_seeds=eye_seeds,
+                              pit_scale=float(np.exp(-abs((k - centre) / _PIT_HALF_WIDTH_FRAMES) ** 1.8)))[0]
+        for k in range(frames)])
+    return scans, lesioned
+
+
+def write_volumes(root: str | os.PathLike, per_class: int, frames: int = 49, seed: int = 0,
+                  lesion_frames: int = 5) -> Path:
+    """`root/volumes/<CLASS>/<CLASS>-<volume>/<CLASS>-<volume>-<frame>.jpeg` (frames numbered from 1) and
+    `root/volumes/volumes.json` (which frames show a lesion): `per_class` volumes of each class."""
+    out = Path(root) / "volumes"
+    index: dict[str, dict[str, list[int]]] = {}
+    for cls in CLASSES:
+        index[cls] = {}
+        for v in range(per_class):
+            rng = np.random.default_rng([seed, _VOLUME_TAG, CLASSES.index(cls), v])
+            scans, lesioned = render_volume(rng, cls, frames, lesion_frames)
+            name = f"{cls}-{v + 1}"
+            d = out / cls / name
+            d.mkdir(parents=True, exist_ok=True)
+            for k, scan in enumerate(scans):
+                Image.fromarray(scan, mode="L").save(d / f"{name}-{k + 1}.jpeg", quality=JPEG_QUALITY)
+            index[cls][name] = [int(k) + 1 for k in np.nonzero(lesioned)[0]]
+    (out / "volumes.json").write_text(json.dumps({"frames": frames, "seed": seed, "lesion_frames": index},
+                                                 indent=1) + "\n")
+    return out
+
+
 def _render_chunk(items: Sequence[_Item], seed: int, out: Path) -> int:
     for item in items:
         _render_item(item, seed, out)
@@ -795,6 +851,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=_positive, default=min(4, os.cpu_count() or 1),
                    help="processes rendering in parallel (default: CPU count, at most 4)")
     p.add_argument("--overwrite", action="store_true", help="delete other images found in the class folders")
+    p.add_argument("--volumes", type=_count, default=0,
+                   help="also write this many volumes per class under ROOT/volumes/ (default 0)")
+    p.add_argument("--volume-frames", type=_positive, default=49, help="B-scans per volume (default 49)")
     args = p.parse_args(argv)
 
     _keep_freed_memory()  # this process renders too when --workers is 1
@@ -805,6 +864,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PhantomError, OSError) as e:
         print(f"phantom: error: {e}", file=sys.stderr)
         return 1
+    if args.volumes:
+        vdir = write_volumes(args.root, args.volumes, args.volume_frames, args.seed)
+        print(f"phantom: wrote {args.volumes * len(CLASSES)} volumes of {args.volume_frames} B-scans to {vdir}")
     seconds = time.perf_counter() - start
     total = sum(n for split in counts.values() for n in split.values())
     per_split = ", ".join(f"{s} {sum(counts[s].values())}" for s in SPLITS)
