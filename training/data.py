@@ -27,6 +27,9 @@ from training import distributed as dist
 CLASSES = ("NORMAL", "CNV", "DME", "DRUSEN")
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 DATA_ROOT_ENV = "OCT_DATA_ROOT"
+# Image-loading processes by default: the CPUs this process may run on (PyTorch warns past that), at most 8, past
+# which decoding outruns any single GPU this model trains on.
+DEFAULT_WORKERS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 class DataError(Exception):

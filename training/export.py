@@ -38,7 +38,7 @@ from octcore.manifest import (
 )
 from octcore.preprocess import Preprocessing
 from training.checkpoint import CheckpointError, load_checkpoint
-from training.data import CLASSES, DataError, OCTImages, list_images, load_image, resolve_data_root
+from training.data import CLASSES, DEFAULT_WORKERS, DataError, OCTImages, list_images, load_image, resolve_data_root
 from training.evaluate import ScoredSet, calibrate, score_files, separation
 from training.model import VQVAE
 from training.prior import GatedPixelCNN, find_prior_checkpoint, load_prior_checkpoint
@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout_max", type=int, default=2000,
                    help="score at most this many abnormal training scans (a seeded draw) to choose the primary score")
     p.add_argument("--heldout_seed", type=int, default=0, help="seed of that draw")
-    p.add_argument("--num_workers", type=int, default=4, help="image-loading processes for the held-out scans")
+    p.add_argument("--num_workers", type=int, default=DEFAULT_WORKERS,
+                   help="image-loading processes for the held-out scans")
     add_prior_args(p)
     return p
 

@@ -29,6 +29,7 @@ from octcore.preprocess import Preprocessing
 from training import distributed as dist
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_history
 from training.data import (
+    DEFAULT_WORKERS,
     Augment,
     DataError,
     OCTImages,
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_root", default=None, help="folder holding OCT2017/ (default: $OCT_DATA_ROOT)")
     p.add_argument("--image_size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_workers", type=int, default=4)
+    p.add_argument("--num_workers", type=int, default=DEFAULT_WORKERS, help="image-loading processes")
     p.add_argument("--amp", action="store_true", help="mixed precision (bfloat16) on CUDA")
     p.add_argument("--output_dir", default="saved_models")
     p.add_argument("--resume", default=None, help="run folder or last.ckpt to continue")
