@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import signal
@@ -10,11 +11,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
+
+if TYPE_CHECKING:
+    from service.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[2]
 KERMANY = ROOT / "tests" / "data" / "kermany"
@@ -84,3 +89,18 @@ def gray16(h: int = 120, w: int = 200, seed: int = 0) -> Image.Image:
 
 def kermany_files() -> list[Path]:
     return sorted(KERMANY.rglob("*.jpeg"))
+
+
+def submit_batches(engine: Engine, *batches: list[tuple[np.ndarray, Any]]) -> list[list[tuple[Any, Any]]]:
+    """Start `engine`, send each batch's items (preprocessed (S, S) image, crop box or None for no heatmaps) together
+    through its batcher, the public queue the routes use, one batch after the other, then stop it.
+    → per batch, its items' (Outputs, BatchTiming)."""
+    async def main() -> list[list[tuple[Any, Any]]]:
+        await engine.start()
+        try:
+            return [list(await asyncio.gather(*(engine.batcher.submit(x, box) for x, box in batch)))
+                    for batch in batches]
+        finally:
+            await engine.stop()
+
+    return asyncio.run(main())

@@ -59,23 +59,30 @@ def test_concurrent_requests_share_batches_and_get_their_own_results() -> None:
         assert [r for r, _ in results] == [2.0 * i for i in range(10)]
         assert fn.sizes == [4, 4, 2]
         assert all(t.batch_size in (4, 2) for _, t in results)
-        assert metrics.batch_size._sum.get() == 10
+        assert metrics.registry.get_sample_value("oct_batch_size_sum") == 10
+        assert metrics.registry.get_sample_value("oct_batch_size_count") == 3
         await b.drain()
         pool.shutdown()
 
     asyncio.run(main())
 
 
-def test_a_lone_request_waits_at_most_the_delay() -> None:
+def test_an_open_batch_waits_for_later_items_and_a_lone_one_is_closed_by_the_deadline() -> None:
     async def main() -> None:
         fn = Recorder()
-        b, pool, _ = make(fn, max_delay_s=0.2, max_batch_size=64)
+        b, pool, _ = make(fn, max_delay_s=0.5, max_batch_size=64)
         b.start()
-        t0 = time.perf_counter()
-        result, timing = await b.submit(item(3))
-        took = time.perf_counter() - t0
-        assert result == 6.0 and fn.sizes == [1]
-        assert timing.queue_s >= 0.15 and took < 2.0  # closed by the deadline, not by size
+        first = asyncio.ensure_future(b.submit(item(1)))
+        await asyncio.sleep(0.05)  # the consumer holds `first` in an open batch, far from its 0.5 s deadline
+        assert not first.done() and fn.sizes == []
+        second = asyncio.ensure_future(b.submit(item(2)))
+        # wait_for only bounds a hang; nothing below depends on how long a batch took.
+        both = await asyncio.wait_for(asyncio.gather(first, second), 30)
+        assert [r for r, _ in both] == [2.0, 4.0]
+        assert fn.sizes == [2], "the batch closed before its deadline instead of taking the later item"
+        # Alone, far below the batch size and with no drain: only the deadline can close its batch.
+        result, timing = await asyncio.wait_for(b.submit(item(3)), 30)
+        assert result == 6.0 and fn.sizes == [2, 1] and timing.batch_size == 1
         await b.drain()
         pool.shutdown()
 
@@ -89,11 +96,11 @@ def test_full_queue_refuses_at_once_with_retry_after() -> None:
         b.start()
         waiting = [asyncio.ensure_future(b.submit(item(i))) for i in range(3)]
         await asyncio.sleep(0)
-        assert metrics.queue_depth._value.get() == 3
-        t0 = time.perf_counter()
+        assert metrics.registry.get_sample_value("oct_queue_depth") == 3 and b.depth == 3
         with pytest.raises(Overloaded) as e:
             await b.submit(item(9))
-        assert time.perf_counter() - t0 < 0.05
+        # At once: refused while the three are still queued, not after their batch freed the queue.
+        assert fn.sizes == [] and not any(w.done() for w in waiting) and b.depth == 3
         assert e.value.headers["Retry-After"] == "2"
         assert [r for r, _ in await asyncio.gather(*waiting)] == [0.0, 2.0, 4.0]
         await b.drain()
@@ -144,14 +151,15 @@ def test_a_client_that_gave_up_is_skipped() -> None:
 def test_drain_finishes_queued_work_then_refuses() -> None:
     async def main() -> None:
         fn = Recorder(sleep_s=0.05)
-        b, pool, _ = make(fn, max_delay_s=5.0, max_batch_size=64)
+        # An hour's deadline and room for 64: only the drain can close this batch of five.
+        b, pool, _ = make(fn, max_delay_s=3600.0, max_batch_size=64)
         b.start()
         queued = [asyncio.ensure_future(b.submit(item(i))) for i in range(5)]
         await asyncio.sleep(0.01)
-        t0 = time.perf_counter()
-        await b.drain()
-        assert time.perf_counter() - t0 < 2.0  # drain closes the batch now, not at its 5 s deadline
+        assert fn.sizes == [] and not any(q.done() for q in queued)
+        await b.drain(timeout_s=30)  # a drain that waited for the deadline would time out and fail the five
         assert [r for r, _ in await asyncio.gather(*queued)] == [0.0, 2.0, 4.0, 6.0, 8.0]
+        assert fn.sizes == [5]
         with pytest.raises(ShuttingDown):
             await b.submit(item(1))
         pool.shutdown()
@@ -179,9 +187,13 @@ def test_each_item_brings_its_tag_to_the_batch_function() -> None:
 
 @pytest.mark.parametrize("inflight", [1, 2])
 def test_max_inflight_batches_run_at_once_and_the_queue_fills_meanwhile(inflight: int) -> None:
+    """Overlap is shown by intervals, not by speed: with 2 in flight each batch waits at a barrier until another one
+    runs too (one at a time would break it); with 1, the requests sent while the first batch is held form the next."""
     running, peak = 0, 0
     lock = threading.Lock()
     sizes: list[int] = []
+    started, release = threading.Event(), threading.Event()
+    together = threading.Barrier(inflight, timeout=30)
 
     def fn(xs: np.ndarray, tags: list) -> list[float]:
         nonlocal running, peak
@@ -189,20 +201,27 @@ def test_max_inflight_batches_run_at_once_and_the_queue_fills_meanwhile(inflight
             running += 1
             peak = max(peak, running)
             sizes.append(len(xs))
-        time.sleep(0.1)
+        started.set()
+        together.wait()
+        release.wait(30)
         with lock:
             running -= 1
         return [0.0] * len(xs)
 
     async def main() -> None:
-        pool = ThreadPoolExecutor(max_workers=2)
+        pool = ThreadPoolExecutor(max_workers=2)  # room for 2 either way: the batcher alone decides how many run
         b = Batcher(fn, pool, max_batch_size=1 if inflight == 2 else 64, max_delay_s=0.0, max_queue=100,
                     max_inflight=inflight)
         b.start()
-        await asyncio.gather(*(b.submit(item(i)) for i in range(6)))
+        first = asyncio.ensure_future(b.submit(item(0)))
+        assert await asyncio.get_running_loop().run_in_executor(None, started.wait, 30)  # the first batch runs
+        rest = [asyncio.ensure_future(b.submit(item(i))) for i in range(1, 6)]
+        await asyncio.sleep(0.05)  # a chance for the batcher to start more batches than it may
+        release.set()
+        await asyncio.wait_for(asyncio.gather(first, *rest), 30)
         await b.drain()
         pool.shutdown()
 
     asyncio.run(main())
     assert peak == inflight, sizes
-    assert sum(sizes) == 6
+    assert sizes == ([1, 5] if inflight == 1 else [1] * 6)

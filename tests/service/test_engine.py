@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from service_helpers import kermany_files
+from service_helpers import kermany_files, submit_batches
 
 from octcore.manifest import load_scorer
 from octcore.preprocess import preprocess
@@ -34,7 +34,9 @@ def test_maps_only_for_the_images_that_asked(engine: Engine, tiny_model) -> None
     files = kermany_files()[:3]
     x = np.stack([preprocess(Image.open(f), engine.cfg) for f in files])
     boxes = [(0, 0, 300, 100), None, (0, 0, 300, 100)]  # two images resized together, one without maps
-    out = engine._infer(x, boxes)
+    together, *singles = submit_batches(engine, list(zip(x, boxes, strict=True)), *([(xi, None)] for xi in x))
+    assert [timing.batch_size for _, timing in together] == [3, 3, 3]  # one batch: the maps came from a shared call
+    out = [o for o, _ in together]
     assert [o.maps is None for o in out] == [False, True, False]
     manifest, scorer = load_scorer(tiny_model.version_dir, device="cpu")
     with torch.inference_mode():
@@ -47,9 +49,9 @@ def test_maps_only_for_the_images_that_asked(engine: Engine, tiny_model) -> None
             resized = np.asarray(Image.fromarray(m).resize(heatmap_size(boxes[i], engine.size), Image.BILINEAR))
             want = np.rint(np.clip(resized / engine.map_scales[name], 0, 1) * 255)
             assert np.abs(u8.astype(int) - want).max() <= 1
-    for o, f in zip(out, files, strict=True):  # scores do not depend on whether maps were asked for
+    for o, [(single, timing)] in zip(out, singles, strict=True):  # scores do not depend on maps or the batch
         assert set(o.scores) == set(manifest.scores)
-        single = engine._infer(preprocess(Image.open(f), engine.cfg)[None], [None])[0]
+        assert timing.batch_size == 1 and single.maps is None
         assert single.scores == pytest.approx(o.scores, rel=1e-5)
 
 
@@ -85,27 +87,38 @@ def test_heatmaps_on_one_cpu_thread_and_the_model_keeps_its_own(tiny_model, monk
     try:
         engine = Engine.load(Settings(model_store=tiny_model.store, model_name=tiny_model.name, device="cpu",
                                       torch_threads=2, warmup=False), Metrics())
-        seen: dict[str, int] = {}
-        real_to_u8, real_forward = engine_module.to_u8, engine._forward
+        seen: list[tuple[str, int]] = []  # (step, torch threads of the thread running it), in call order
+        real_to_u8, real_scorer = engine_module.to_u8, engine.scorer
 
         def to_u8(*args, **kwargs):
-            seen["heatmaps"] = torch.get_num_threads()
+            seen.append(("heatmaps", torch.get_num_threads()))
             return real_to_u8(*args, **kwargs)
 
-        def forward(batch):
-            seen.setdefault("forward", torch.get_num_threads())
-            return real_forward(batch)
+        def scorer(batch):
+            seen.append(("forward", torch.get_num_threads()))
+            return real_scorer(batch)
 
         monkeypatch.setattr(engine_module, "to_u8", to_u8)
-        monkeypatch.setattr(engine, "_forward", forward)
-        x = np.zeros((2, engine.size, engine.size), np.float32)
+        monkeypatch.setattr(engine, "scorer", scorer)  # the loaded model, a public attribute: wrapped, not replaced
+        x = np.zeros((engine.size, engine.size), np.float32)
         box = (0, 0, engine.size, engine.size)
-        pool = engine._infer_pool
-        with one_torch_thread():  # the inference thread starts here
-            pool.submit(engine._infer, x, [box, box]).result()
-        assert seen == {"forward": 2, "heatmaps": 1}
-        assert pool.submit(torch.get_num_threads).result() == 2  # restored for the next batch's forward
+
+        async def main() -> list:
+            await engine.start()
+            try:
+                with one_torch_thread():  # the inference thread starts here, at the first batch
+                    first = await asyncio.gather(*(engine.batcher.submit(x, box) for _ in range(2)))
+                return [first, [await engine.batcher.submit(x, box)]]  # the next batch, on the same thread
+            finally:
+                await engine.stop()
+
+        batches = asyncio.run(main())
+        assert [[t.batch_size for _, t in b] for b in batches] == [[2, 2], [1]]
+        assert all(o.maps for b in batches for o, _ in b)
+        n_maps = len(engine.score_maps)
+        # Per batch: the forward pass on the engine's 2 threads, then each score's heatmap on 1; the next batch's
+        # forward pass is back on 2.
+        assert seen == ([("forward", 2)] + [("heatmaps", 1)] * n_maps) * 2, seen
         assert torch.get_num_threads() == 2
-        pool.shutdown()
     finally:
         torch.set_num_threads(before)

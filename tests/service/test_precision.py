@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
-from service_helpers import kermany_files
+from service_helpers import kermany_files, submit_batches
 
 from octcore.preprocess import preprocess
 from service.engine import Engine
@@ -22,22 +22,24 @@ pytestmark = pytest.mark.slow
 TOLERANCE = {"bf16": 0.25, "fp16": 0.02}
 
 
-def scores(tiny_model, precision: str) -> tuple[Engine, np.ndarray]:  # (images, scores)
+def scores(tiny_model, precision: str) -> tuple[np.ndarray, dict[str, np.ndarray] | None, int]:
+    """→ (images × scores) of the Kermany samples, the heatmaps of a blank image cropped at 200 × 100, input size."""
     settings = Settings(model_store=tiny_model.store, model_name=tiny_model.name, device="cpu", precision=precision,
-                        max_batch_size=8)
+                        max_batch_size=8, warmup=False)
     engine = Engine.load(settings, Metrics())
     x = np.stack([preprocess(Image.open(f), engine.cfg) for f in kermany_files()])
     box = (0, 0, 512, 496)
-    out = engine._infer(x, [box] * len(x))
-    return engine, np.array([[o.scores[k] for k in engine.score_names] for o in out])
+    blank = np.zeros((engine.size, engine.size), np.float32)
+    images, [(heat, _)] = submit_batches(engine, [(xi, box) for xi in x], [(blank, (0, 0, 200, 100))])
+    return np.array([[o.scores[k] for k in engine.score_names] for o, _ in images]), heat.maps, engine.size
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_reduced_precision_scores_stay_within_tolerance(tiny_model, precision: str) -> None:
-    engine, full = scores(tiny_model, "fp32")
-    _, reduced = scores(tiny_model, precision)
+    full, full_maps, size = scores(tiny_model, "fp32")
+    reduced, maps, _ = scores(tiny_model, precision)
     assert not np.array_equal(full, reduced)  # autocast really ran in the lower precision
     np.testing.assert_allclose(reduced, full, rtol=TOLERANCE[precision], atol=1e-9)
     # Heatmaps come back as uint8 at the crop box's aspect ratio whatever the precision.
-    maps = engine._infer(np.zeros((1, engine.size, engine.size), np.float32), [(0, 0, 200, 100)])[0].maps
-    assert maps and all(m.dtype == np.uint8 and m.shape == (engine.size // 2, engine.size) for m in maps.values())
+    for m in (full_maps, maps):
+        assert m and all(u8.dtype == np.uint8 and u8.shape == (size // 2, size) for u8 in m.values())
