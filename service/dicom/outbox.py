@@ -169,6 +169,8 @@ class Outbox:
         except BaseException:
             # Left as a crash would leave it, and recovered the same way, now: the folder on disk decides.
             shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None and final.exists():
+                shutil.rmtree(old, ignore_errors=True)  # replaced: the swap went through before the failure
             with self._exclusive():
                 self._resolve(uid, revision, self.writer)
             raise

@@ -235,15 +235,15 @@ def _started(log: Path) -> list[int]:
     return [int(p) for p in re.findall(r"Started server process \[(\d+)\]", log.read_text(errors="replace"))]
 
 
-def _delivery_owner(results: Path) -> int | None:
-    """The pid holding the flock on the outbox's delivery lock file, from /proc/locks (None: no such lock)."""
+def _delivery_owner(results: Path, pids: list[int]) -> int | None:
+    """Which of `pids` holds the flock on the outbox's delivery lock file, from /proc/locks (None: none does)."""
     try:
         inode = os.stat(results / ".delivery.lock").st_ino
     except FileNotFoundError:
         return None
     for line in Path("/proc/locks").read_text().splitlines():
-        fields = line.split()
-        if "FLOCK" in fields and fields[-3].rsplit(":", 1)[-1] == str(inode):
+        fields = line.split()  # "1: FLOCK ADVISORY WRITE <pid> <major>:<minor>:<inode> 0 EOF"
+        if "FLOCK" in fields and fields[-3].rsplit(":", 1)[-1] == str(inode) and int(fields[-4]) in pids:
             return int(fields[-4])
     return None
 
@@ -267,7 +267,7 @@ def _writing(pid: int, results: Path) -> bool:
 def _kill_while_writing(pids: list[int], results: Path, until: threading.Event) -> int | None:
     """Stop each candidate in turn and look at its open files; kill the first caught mid-write. Bounded by `until`."""
     while not until.is_set():
-        owner = _delivery_owner(results)
+        owner = _delivery_owner(results, pids)
         for pid in pids:
             if pid == owner:
                 continue  # the deliverer may have a STOW on the wire (see the module docstring)
