@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from service_helpers import submit_batches
 
 from octcore.resize import resize
 from service.engine import Engine
@@ -17,7 +18,14 @@ def test_thread_counts_are_fixed_per_thread(tiny_model, monkeypatch) -> None:
     try:
         engine = Engine.load(Settings(model_store=tiny_model.store, model_name=tiny_model.name, device="cpu",
                                       torch_threads=2, warmup=False, cpu_workers=1), Metrics())
-        assert engine._infer_pool.submit(torch.get_num_threads).result() == 2
+        forward_threads: list[int] = []  # the count on the inference thread, seen by each forward pass
+        real_scorer = engine.scorer
+
+        def scorer(batch):
+            forward_threads.append(torch.get_num_threads())
+            return real_scorer(batch)
+
+        monkeypatch.setattr(engine, "scorer", scorer)  # the loaded model, a public attribute: wrapped, not replaced
         assert engine.cpu_pool.submit(torch.get_num_threads).result() == 1
         calls: list[int] = []
         real = torch.set_num_threads
@@ -26,8 +34,9 @@ def test_thread_counts_are_fixed_per_thread(tiny_model, monkeypatch) -> None:
         out = engine.cpu_pool.submit(resize, image, engine.size).result()
         assert out.shape == (engine.size, engine.size)
         assert calls == [], "a resize on a CPU thread changed torch's thread count"
-        assert engine._infer_pool.submit(torch.get_num_threads).result() == 2
-        engine._infer_pool.shutdown()
-        engine.cpu_pool.shutdown()
+        monkeypatch.setattr(torch, "set_num_threads", real)
+        # Two batches through the engine's own queue (it stops, and shuts its pools, after them).
+        submit_batches(engine, [(out, None)], [(out, None)])
+        assert forward_threads == [2, 2]
     finally:
         torch.set_num_threads(before)
