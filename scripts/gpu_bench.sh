@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU numbers of issue 11 in one run: img/s with p50/p99 at 256² with heatmaps (bench_service.py --device cuda),
+# The GPU numbers in one run: img/s with p50/p99 at 256² with heatmaps (bench_service.py --device cuda),
 # the CPU cost per request with a null scorer, and scaling over worker processes. Writes bench/results/gpu-<date>.txt.
 #
 #   bash scripts/gpu_bench.sh model_store/oct-vqvae/1 [WORKERS]     # a 256² export (the CLI defaults); WORKERS default 4
@@ -12,7 +12,7 @@ WORKERS=${2:-4}
 PY=${PY:-.venv/bin/python}
 "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device: this script records GPU numbers")'
 SIZE=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1] + "/manifest.json"))["input"]["size"])' "$MODEL")
-[ "$SIZE" = 256 ] || echo "note: $MODEL is ${SIZE}², the issue's target is stated at 256²"
+[ "$SIZE" = 256 ] || echo "note: $MODEL is ${SIZE}², the README's GPU table is stated at 256²"
 mkdir -p bench/results
 OUT=bench/results/gpu-$(date -u +%Y%m%d-%H%M).txt
 {
