@@ -125,8 +125,7 @@ class DeliveryWorker:
         # A batch is sent one result after another: the claim of this one is renewed now, so it cannot run out
         # while the results before it were on the wire, and one that is no longer ours is not sent.
         if not await asyncio.to_thread(self.outbox.renew, due, time.time(), self.lease_s):
-            log.warning("results of %s changed since they were claimed (replaced or claimed elsewhere); not sent "
-                        "under this claim", uid)
+            await self._log_void_claim(due, "not sent")
             return None
         record = await asyncio.to_thread(self.outbox.get, uid)
         bodies = []
@@ -157,9 +156,14 @@ class DeliveryWorker:
                         d.next_attempt_at - now, error)
         # Only for the revision and claim that were sent: a result re-sent meanwhile stays pending with its new bytes.
         if not await asyncio.to_thread(self.outbox.update_delivery, uid, d, due.revision, due.claim):
-            log.warning("results of %s changed during delivery (replaced, or claimed elsewhere); the outcome of this "
-                        "attempt is not recorded", uid)
+            await self._log_void_claim(due, "sent, outcome not recorded")
         return d
+
+    async def _log_void_claim(self, due: Due, what: str) -> None:
+        reason = await asyncio.to_thread(self.outbox.why_unclaimed, due)
+        # A result stored again meanwhile is routine (its new revision stays pending); anything else is not.
+        log.log(logging.INFO if reason == "replaced" else logging.WARNING,
+                "results of %s %s: the claim is void (%s)", due.uid, what, reason)
 
 
 def _stow_error(resp: httpx.Response) -> str | None:

@@ -296,6 +296,15 @@ class Outbox:
         return self._exec("UPDATE results SET next_attempt_at=? WHERE uid=? AND revision=? AND claim=? "
                           "AND status='pending'", (now + lease_s, due.uid, due.revision, due.claim)) == 1
 
+    def why_unclaimed(self, due: Due) -> str:
+        """Why `due` is no longer its claim's to send or settle: `replaced` (a newer revision was stored, the usual
+        and harmless reason), `claimed elsewhere`, `deleted`, or the row's status."""
+        rows = self._rows("SELECT revision, claim, status FROM results WHERE uid=?", (due.uid,))
+        if not rows:
+            return "deleted"
+        revision, claim, status = rows[0]
+        return "replaced" if revision != due.revision else "claimed elsewhere" if claim != due.claim else status
+
     def next_due(self) -> float | None:
         return self._rows("SELECT MIN(COALESCE(next_attempt_at, 0)) FROM results WHERE status='pending' "
                           "AND revision IS NOT NULL")[0][0]

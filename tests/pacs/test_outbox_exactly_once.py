@@ -135,10 +135,13 @@ def test_a_claim_that_is_no_longer_ours_is_neither_renewed_nor_settled(tmp_path:
     delivered = Delivery(status="delivered", attempts=1, delivered_at=time.time())
     assert not outbox.renew(stale, time.time(), 60)
     assert not outbox.update_delivery(stale.uid, delivered, stale.revision, stale.claim)
+    assert outbox.why_unclaimed(stale) == "claimed elsewhere"
     assert outbox.get("1.2.1").delivery.status == "pending"
     assert outbox.renew(current, time.time(), 60)
     assert outbox.update_delivery(current.uid, delivered, current.revision, current.claim)
     assert outbox.get("1.2.1").delivery.status == "delivered"
+    outbox.put(_record("1.2.1"), {"sr.dcm": b"sr"})  # stored again: pending with a new revision
+    assert not outbox.renew(current, time.time(), 60) and outbox.why_unclaimed(current) == "replaced"
 
 
 ANSWER_S = 2.5  # each STOW-RS to the PACS takes this long
