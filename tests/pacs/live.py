@@ -34,13 +34,18 @@ def wait_for(what: str, check: Callable[[], object], timeout: float = 90.0, ever
         time.sleep(every)
 
 
+# Unless a test asks otherwise: no warm-up (no PACS test is about it; ready once the model is loaded) and no drain
+# delay (tests/service/test_shutdown.py covers the drain; here the default 5 s of it would idle every stop).
+DEFAULTS = {"OCT_WARMUP": "false", "OCT_DRAIN_DELAY_S": "0"}
+
+
 class Service:
     """`python -m service` as a subprocess on a free port."""
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, **env, "OCT_PORT": str(self.port)}
+        self.env = {**os.environ, **DEFAULTS, **env, "OCT_PORT": str(self.port)}
         self.log = log
         self.proc: subprocess.Popen | None = None
 

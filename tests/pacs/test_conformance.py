@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from live import Service, local_service
+from live import Service
 from oct_dicom import conformant_oct, phantom_frames, to_bytes
 
 from service.multipart import build_related
@@ -33,15 +32,6 @@ def dciodvfy_errors(path: Path) -> list[str]:
     proc = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
     lines = (proc.stdout + proc.stderr).splitlines()
     return [line for line in lines if line.startswith("Error")]
-
-
-@pytest.fixture(scope="module")
-def service(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    tmp = tmp_path_factory.mktemp("conformance")
-    svc = local_service(tiny_model, tmp)
-    svc.start()
-    yield svc
-    svc.stop()
 
 
 def test_fixture_is_a_conformant_oct(tmp_path: Path) -> None:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pydicom
 import pytest
-from live import Service, local_service
+from live import Service
 from oct_dicom import PHI, compress, oct_dataset, phantom_frames, to_bytes
 from PIL import Image
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless
@@ -22,16 +21,6 @@ from service.multipart import build_related
 
 pytestmark = pytest.mark.slow
 FRAMES = phantom_frames(3, 96, 128, seed=1)
-
-
-@pytest.fixture(scope="module")
-def service(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    tmp = tmp_path_factory.mktemp("dicom-http")
-    svc = local_service(tiny_model, tmp)
-    svc.results = tmp / "results"  # type: ignore[attr-defined]
-    svc.start()
-    yield svc
-    svc.stop()
 
 
 def post_dicom(service: Service, data: bytes, **params: str) -> httpx.Response:

@@ -72,7 +72,9 @@ def _related(ctx: schemathesis.SerializationContext, value: object) -> bytes:
 
 @pytest.fixture(scope="module")
 def api_schema(start_service, tmp_path_factory: pytest.TempPathFactory) -> schemathesis.BaseSchema:
-    svc = start_service(OCT_RESULTS_DIR=str(tmp_path_factory.mktemp("openapi-results")), OCT_PACS_STOW_URL="")
+    # No warm-up: its cost buys nothing here (ready at once; the first batches are merely slower).
+    svc = start_service(OCT_RESULTS_DIR=str(tmp_path_factory.mktemp("openapi-results")), OCT_PACS_STOW_URL="",
+                        OCT_WARMUP="false")
     return schemathesis.openapi.from_url(f"{svc.url}/openapi.json")
 
 
