@@ -24,9 +24,11 @@ class Recorder:
         self.fail_next = False
         self.short_next = False
         self.gate: threading.Event | None = None
+        self.entered = threading.Event()  # set by the first call
 
     def __call__(self, xs: np.ndarray, tags: list | None = None) -> list[float]:
         self.sizes.append(len(xs))
+        self.entered.set()
         if self.gate is not None:
             self.gate.wait(10)
         time.sleep(self.sleep_s)
@@ -134,7 +136,7 @@ def test_a_client_that_gave_up_is_skipped() -> None:
         b, pool, _ = make(fn, max_batch_size=1, max_delay_s=0.0)
         b.start()
         first = asyncio.ensure_future(b.submit(item(1)))
-        await asyncio.sleep(0.05)  # the first batch is now inside the (gated) model call
+        assert await asyncio.get_running_loop().run_in_executor(None, fn.entered.wait, 30)  # in the gated call
         gone = asyncio.ensure_future(b.submit(item(2)))
         kept = asyncio.ensure_future(b.submit(item(3)))
         await asyncio.sleep(0.01)
