@@ -15,7 +15,6 @@ derived from (seed, split, class, index): output is byte-identical per seed and 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import re
@@ -736,21 +735,6 @@ def _render_chunk(items: Sequence[_Item], seed: int, out: Path) -> int:
     return len(items)
 
 
-def _keep_freed_memory() -> None:
-    """Let glibc keep freed memory for reuse in this (rendering) process.
-
-    Each scan churns through a few MB of numpy temporaries. By default glibc hands such blocks back to the kernel
-    on free and page-faults them in again on the next allocation, which cost about 20 % of the run in system time.
-    A no-op where the C library is not glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: do not trim the heap top
-        libc.mallopt(-3, 1 << 28)  # M_MMAP_THRESHOLD: serve image-sized blocks from the heap, not fresh mmaps
-    except (OSError, AttributeError):
-        pass
-
-
 def _prepare(out: Path, plan: list[_Item], overwrite: bool) -> None:
     """Make the class folders; refuse to mix with files this run would not write unless they are ours to replace."""
     ours = (out / MARKER).is_file()
@@ -809,7 +793,7 @@ def generate(root: str | os.PathLike, train_normal: int = 1000, test_per_class: 
     else:
         size = max(1, min(32, len(plan) // (4 * workers)))  # several chunks per worker keeps them all busy
         chunks = [plan[i:i + size] for i in range(0, len(plan), size)]
-        with ProcessPoolExecutor(max_workers=workers, initializer=_keep_freed_memory) as pool:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
             for _ in pool.map(_render_chunk, chunks, [seed] * len(chunks), [out] * len(chunks)):
                 pass
     (out / MARKER).write_text(json.dumps({
@@ -856,7 +840,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--volume-frames", type=_positive, default=49, help="B-scans per volume (default 49)")
     args = p.parse_args(argv)
 
-    _keep_freed_memory()  # this process renders too when --workers is 1
     start = time.perf_counter()
     try:
         counts = generate(args.root, args.train_normal, args.test_per_class, args.seed, args.train_abnormal,
