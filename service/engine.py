@@ -29,7 +29,6 @@ import torch
 
 from octcore.manifest import Manifest, ModelStoreError, load_scorer, resolve_version_dir
 from octcore.preprocess import preprocess_gray
-from octcore.resize import one_torch_thread
 from service.batcher import Batcher
 from service.errors import NotReady
 from service.heatmaps import HeatmapFormat, encode_all, heatmap_size, to_u8
@@ -171,17 +170,16 @@ class Engine:
             if box is not None:
                 groups.setdefault(heatmap_size(box, self.size), []).append(i)
         result: list[tuple[list[torch.Tensor], list[int]]] = []
-        if not groups:  # no request in the batch asked: torch's thread count is left alone
+        if not groups:
             return result
-        with self._one_thread_on_cpu():
-            for idx in groups.values():
-                rows = None if len(idx) == len(boxes) else torch.tensor(idx, device=self.device)  # usually all
-                per_score = []
-                for k, name in self.score_maps.items():
-                    m = out[name][:, 0]
-                    per_score.append(self._to_host(to_u8(m if rows is None else m.index_select(0, rows),
-                                                         self.map_scales[k], boxes[idx[0]])))  # type: ignore[arg-type]
-                result.append((per_score, idx))
+        for idx in groups.values():
+            rows = None if len(idx) == len(boxes) else torch.tensor(idx, device=self.device)  # usually all
+            per_score = []
+            for k, name in self.score_maps.items():
+                m = out[name][:, 0]
+                per_score.append(self._to_host(to_u8(m if rows is None else m.index_select(0, rows),
+                                                     self.map_scales[k], boxes[idx[0]])))  # type: ignore[arg-type]
+            result.append((per_score, idx))
         return result
 
     def _forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -199,13 +197,6 @@ class Engine:
             self._local.stream = torch.cuda.Stream(device=self.device)
         with torch.cuda.stream(self._local.stream):
             yield
-
-    def _one_thread_on_cpu(self) -> contextlib.AbstractContextManager[None]:
-        """On the CPU, the heatmap arithmetic (a few passes over memory) runs on the inference thread alone: split over
-        torch's intra-op pool the same work cost more CPU (2.2–2.9 against 2.0–2.1 ms a batch of 8 × 3 maps, alone
-        on the machine), and in the service the pool's threads contend with the event loop for the cores
-        (docs/service.md, "Fifth pass"). A forward pass running meanwhile in another thread keeps its own count."""
-        return contextlib.nullcontext() if self.cuda else one_torch_thread()
 
     def _to_device(self, xs: np.ndarray) -> torch.Tensor:
         """(B, S, S) → (B, 1, S, S) on the device. On CUDA through this thread's pinned buffer, so the copy is

@@ -76,10 +76,10 @@ def test_score_upload_answers_with_heatmaps_in_the_asked_format(engine: Engine, 
 
 
 
-def test_heatmaps_on_one_cpu_thread_and_the_model_keeps_its_own(tiny_model, monkeypatch) -> None:
-    """On the CPU the heatmap arithmetic runs on the inference thread alone; the forward pass before it and the next
-    batch keep the engine's thread count, even when the inference thread starts while the event loop is inside
-    preprocessing's one-thread block (where a new thread would otherwise take a count of 1)."""
+def test_the_inference_thread_keeps_the_engine_thread_count(tiny_model, monkeypatch) -> None:
+    """The forward pass and the heatmaps of every batch run at the engine's torch thread count (one count per
+    thread, set once), even when the inference thread starts while the event loop is inside preprocessing's
+    one-thread block (where a new thread would otherwise take a count of 1)."""
     import service.engine as engine_module
     from octcore.resize import one_torch_thread
 
@@ -116,9 +116,8 @@ def test_heatmaps_on_one_cpu_thread_and_the_model_keeps_its_own(tiny_model, monk
         assert [[t.batch_size for _, t in b] for b in batches] == [[2, 2], [1]]
         assert all(o.maps for b in batches for o, _ in b)
         n_maps = len(engine.score_maps)
-        # Per batch: the forward pass on the engine's 2 threads, then each score's heatmap on 1; the next batch's
-        # forward pass is back on 2.
-        assert seen == ([("forward", 2)] + [("heatmaps", 1)] * n_maps) * 2, seen
+        # Per batch: the forward pass, then each score's heatmap, all on the engine's 2 threads.
+        assert seen == ([("forward", 2)] + [("heatmaps", 2)] * n_maps) * 2, seen
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
