@@ -8,6 +8,7 @@ function to extend when another format (e.g. torch.export / ONNX) joins.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import json
 import math
@@ -16,6 +17,7 @@ from pathlib import Path
 from statistics import NormalDist
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from octcore.preprocess import Preprocessing
@@ -65,10 +67,11 @@ class Calibration(BaseModel):
     """Distribution of one score on NORMAL validation images and the decision threshold drawn from it.
 
     With a `tail` (format 2), `threshold` is the fit's quantile at `threshold_percentile` / 100: the B-scan
-    specificity aimed at. A volume of n B-scans is anomalous when its most anomalous B-scan passes
-    `volume_threshold(n)`, the quantile at (p / 100) ** (1 / n): were the B-scans of a normal eye independent, its
-    maximum would pass that as rarely as one normal B-scan passes `threshold`. Without a tail (format 1),
-    `threshold` is the empirical percentile and a volume uses it unchanged."""
+    specificity aimed at. A volume of n B-scans is scored by `volume_statistic`: the highest mean over
+    `volume_window` adjacent B-scans (a lesion spans neighbouring B-scans, a normal scan's odd frame stands alone),
+    and is anomalous when that passes `volume_threshold(n)`, the statistic's quantile at the same percentile for n
+    independent B-scans drawn from the fit: a normal volume of any length is flagged about as often as one normal
+    B-scan. Without a tail (format 1), a volume uses `threshold` on its most anomalous B-scan."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -81,16 +84,7 @@ class Calibration(BaseModel):
     # Heatmap PNG value v in 0..255 stands for map value v / 255 * map_scale (map_scale: a high normal percentile).
     map_scale: float | None = None
     tail: TailFit | None = None
-
-    def volume_threshold(self, n_frames: int, higher_is_anomalous: bool = True) -> float:
-        """The threshold on the maximum (for a lower-when-anomalous score: the minimum) of `n_frames` B-scans'
-        scores. One frame: `threshold`."""
-        if self.tail is None or n_frames <= 1:
-            return self.threshold
-        q = self.threshold_percentile / 100.0
-        if higher_is_anomalous:
-            return self.tail.quantile(q ** (1.0 / n_frames))
-        return self.tail.quantile(1.0 - (1.0 - q) ** (1.0 / n_frames))
+    volume_window: int = Field(default=1, ge=1)
 
     def percentile_of(self, score: float) -> float:
         """Where `score` falls among the normal images, 0–100 (linear between the stored percentiles)."""
@@ -103,6 +97,41 @@ class Calibration(BaseModel):
         lo, hi = p[i - 1], p[i]
         frac = 0.0 if hi <= lo else (score - lo) / (hi - lo)
         return float(min(100.0, (i - 1) + frac))
+
+    def volume_threshold(self, n_frames: int, higher_is_anomalous: bool = True) -> float:
+        """The threshold on `volume_statistic` of `n_frames` B-scans' scores. One frame: `threshold`."""
+        if self.tail is None or n_frames <= 1:
+            return self.threshold
+        q = self.threshold_percentile / 100.0
+        window = min(self.volume_window, n_frames)
+        if window == 1:  # the maximum (minimum) of n: a closed form
+            return self.tail.quantile(q ** (1.0 / n_frames) if higher_is_anomalous
+                                      else 1.0 - (1.0 - q) ** (1.0 / n_frames))
+        return _window_quantile(self.tail.family, self.tail.mu, self.tail.sigma, q, n_frames, window,
+                                higher_is_anomalous)
+
+
+def volume_statistic(scores: list[float], window: int, higher_is_anomalous: bool = True) -> tuple[float, int]:
+    """The highest (lowest) mean of `window` adjacent B-scans' scores, and the first B-scan of that run. Fewer
+    B-scans than `window`: the mean of them all."""
+    x = np.asarray(scores, dtype=np.float64)
+    w = max(1, min(window, x.size))
+    means = np.convolve(x, np.ones(w) / w, mode="valid")
+    i = int(np.argmax(means) if higher_is_anomalous else np.argmin(means))
+    return float(means[i]), i
+
+
+@functools.lru_cache(maxsize=256)
+def _window_quantile(family: str, mu: float, sigma: float, q: float, n: int, window: int, higher: bool) -> float:
+    """Quantile q of the volume statistic of n independent B-scans from the fitted tail, by simulation (seeded, so
+    the same manifest always gives the same threshold; 20,000 volumes put q = 0.95 within ±0.002 of the truth)."""
+    z = np.random.default_rng(0).standard_normal((20_000, n)) * sigma + mu
+    x = np.exp(z) if family == "lognormal" else z
+    c = np.cumsum(np.pad(x, ((0, 0), (1, 0))), axis=1)
+    means = (c[:, window:] - c[:, :-window]) / window
+    stat = means.max(axis=1) if higher else means.min(axis=1)
+    # Higher: P(stat <= t) = q. Lower (q is then a low percentile): P(stat < t) = q.
+    return float(np.quantile(stat, q))
 
 
 class Manifest(BaseModel):

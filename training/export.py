@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold_fit", choices=["tail", "empirical"], default="tail",
                    help="tail: the percentile of a (log-)normal fit of those scores, which also sets each volume's "
                    "threshold by its number of B-scans; empirical: the scores' own percentile")
+    p.add_argument("--volume_window", type=int, default=3,
+                   help="a volume's score: the highest mean over this many adjacent B-scans (1: its most anomalous "
+                   "B-scan)")
     p.add_argument("--top_fraction", type=float, default=0.01, help="fraction of each map averaged into its score")
     p.add_argument("--primary_score", default=None, help="default: the best held-out AUROC (see manifest evaluation)")
     p.add_argument("--batch_size", type=int, default=32)
@@ -286,6 +289,8 @@ def export(args: argparse.Namespace) -> Path:
         raise ExportError("--version must be a positive integer")
     if args.heldout_max < 1 or args.num_workers < 0:
         raise ExportError("--heldout_max must be positive and --num_workers >= 0")
+    if args.volume_window < 1:
+        raise ExportError("--volume_window must be at least 1")
     ckpt_path = resolve_checkpoint(args.model_dir)
     ckpt = load_checkpoint(ckpt_path)
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
@@ -317,7 +322,8 @@ def export(args: argparse.Namespace) -> Path:
     if "combined" in specs:
         fit_combined([scorer, scripted], normal)
     calibration = {k: calibrate(normal.scores[k], args.threshold_percentile, normal.map_samples.get(specs[k].map),
-                                args.threshold_fit) for k in score_names}
+                                args.threshold_fit).model_copy(update={"volume_window": args.volume_window})
+                   for k in score_names}
 
     # Choose the primary score on held-out abnormal *training* scans (the dataset ships some) vs normal validation.
     # A normal-only data set has none: then PREFERRED_SCORE, on the evidence of other data sets.
@@ -359,8 +365,9 @@ def export(args: argparse.Namespace) -> Path:
                         "primary_score_rule": f"highest held-out AUROC; {PREFERRED_SCORE} when within one standard "
                         "error (Hanley-McNeil) of it" if args.primary_score is None else "given by --primary_score",
                         "threshold": f"{args.threshold_fit} fit of the normal validation scores at percentile "
-                        f"{args.threshold_percentile:g}; a volume of n B-scans: percentile "
-                        f"100 * ({args.threshold_percentile:g} / 100) ** (1 / n) of the same fit"},
+                        f"{args.threshold_percentile:g}; a volume: the highest mean over {args.volume_window} "
+                        "adjacent B-scans, against that statistic's percentile over volumes of as many B-scans "
+                        "drawn from the fit"},
         )
         write_manifest(tmp, manifest)
         load_scorer(tmp, "cpu")  # verify the artifact through the same loader the service uses

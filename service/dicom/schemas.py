@@ -10,12 +10,14 @@ from pydantic import BaseModel, Field
 from service.schemas import HEATMAP_SCALE_DOC, PREVIEW_DOC, HeatmapBox, ModelRef, TimingMs
 
 AGGREGATION_DOC = (
-    "Volume result = the most anomalous frame's: `score` is the maximum of the frames' primary scores (the minimum "
-    "for a model whose primary score is lower-when-anomalous), `max_frame` is that frame's index, and `scores` and "
-    "`percentile` are that frame's. The volume is anomalous when that score passes the volume's `threshold`, which "
-    "depends on the number of frames: the normal scans' fitted score distribution at the B-scan specificity raised "
-    "to the power 1/frames (one frame: the B-scan threshold), so a normal volume of many B-scans is flagged about as "
-    "rarely as one normal B-scan. Each frame's `is_anomalous` is against the B-scan threshold."
+    "Volume score = the highest mean primary score over `volume_window` adjacent frames (the lowest, for a model "
+    "whose primary score is lower-when-anomalous; one frame: its own score): a lesion spans neighbouring B-scans, "
+    "an odd normal frame stands alone. The volume is anomalous when its score passes `threshold`, which depends on "
+    "the number of frames: the same statistic's quantile, at the B-scan threshold's percentile, over volumes of that "
+    "many independent B-scans drawn from the normal scans' fitted score distribution, so a normal volume of any "
+    "length is flagged about as rarely as one normal B-scan. `max_frame` is the most anomalous frame (where to look "
+    "first); `scores` and `percentile` are that frame's, and each frame's `is_anomalous` is against the B-scan "
+    "threshold."
 )
 
 
@@ -42,7 +44,9 @@ class VolumeScoreResult(BaseModel):
     sop_instance_uid: str
     sop_class_uid: str
     number_of_frames: int
-    aggregation: Literal["max"] = Field(default="max", description=AGGREGATION_DOC)
+    # "max": results stored by earlier versions (the most anomalous frame alone).
+    aggregation: Literal["window_mean_max", "max"] = Field(default="window_mean_max", description=AGGREGATION_DOC)
+    volume_window: int = Field(default=1, description="Adjacent frames averaged into the volume score")
     score: float = Field(description="Volume score: " + AGGREGATION_DOC)
     scores: dict[str, float] = Field(description="Every score of the most anomalous frame")
     threshold: float = Field(description="The volume's decision threshold on `score` (see aggregation)")

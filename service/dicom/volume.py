@@ -7,7 +7,7 @@ import time
 import uuid
 from typing import Any
 
-from octcore.manifest import Calibration
+from octcore.manifest import Calibration, volume_statistic
 from service.dicom.decode import DicomImage
 from service.dicom.schemas import FrameScore, VolumeScoreResult
 from service.schemas import ScoreResult, TimingMs
@@ -39,15 +39,18 @@ def aggregate(results: list[ScoreResult], image: DicomImage, calibration: Calibr
     pick = max if higher_is_anomalous else min
     top = pick(range(len(results)), key=lambda i: results[i].score)  # first frame wins a tie
     worst = results[top]
-    # The most anomalous of n normal B-scans is higher the larger n is: the volume's threshold depends on n.
+    # A lesion spans adjacent B-scans; and the most anomalous of n normal B-scans rises with n, so the volume's
+    # threshold depends on n (octcore.manifest.Calibration).
+    score, _ = volume_statistic([r.score for r in results], calibration.volume_window, higher_is_anomalous)
     threshold = calibration.volume_threshold(len(results), higher_is_anomalous)
-    over = worst.score > threshold if higher_is_anomalous else worst.score < threshold
+    over = score > threshold if higher_is_anomalous else score < threshold
     total_ms = (time.perf_counter() - started) * 1e3 if started is not None else sum(r.timing_ms.total for r in results)
     return VolumeScoreResult(
         request_id=request_id or uuid.uuid4().hex, model=worst.model,
         study_instance_uid=image.study_instance_uid, series_instance_uid=image.series_instance_uid,
         sop_instance_uid=image.sop_instance_uid, sop_class_uid=image.sop_class_uid,
-        number_of_frames=image.number_of_frames, score=worst.score, scores=worst.scores, threshold=threshold,
+        number_of_frames=image.number_of_frames, volume_window=min(calibration.volume_window, len(results)),
+        score=score, scores=worst.scores, threshold=threshold,
         is_anomalous=bool(over), percentile=worst.percentile, max_frame=top, heatmap_box=worst.heatmap_box,
         frames=frames,
         # Frames share batches, so per-frame times do not add up; report the slowest frame's.

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from octcore.manifest import FORMAT_VERSION, Calibration, ModelStoreError, TailFit, read_manifest
+from octcore.manifest import FORMAT_VERSION, Calibration, ModelStoreError, TailFit, read_manifest, volume_statistic
 from octcore.preprocess import Preprocessing
 from training.evaluate import calibrate, fit_tail
 
@@ -101,6 +101,25 @@ def test_volume_threshold_grows_with_frames_and_keeps_normal_volumes_clear() -> 
     low = cal.model_copy(update={"threshold_percentile": 5.0, "threshold": cal.tail.quantile(0.05)})
     assert low.volume_threshold(49, higher_is_anomalous=False) == pytest.approx(cal.tail.quantile(1 - 0.95 ** (1 / 49)))
     assert low.volume_threshold(49, higher_is_anomalous=False) < low.threshold
+
+
+def test_a_window_of_adjacent_frames_keeps_normal_volumes_clear_and_finds_a_run_of_lesion_frames() -> None:
+    tail = TailFit(family="lognormal", mu=0.0, sigma=0.2)
+    cal = Calibration(n=100, mean=0, std=1, percentiles=list(map(float, range(101))), threshold_percentile=95,
+                      threshold=tail.quantile(0.95), tail=tail, volume_window=3)
+    t = cal.volume_threshold(49)
+    assert t == cal.volume_threshold(49)  # seeded: a manifest always gives the same threshold
+    assert cal.volume_threshold(1) == cal.threshold
+    rng = np.random.default_rng(3)
+    normal = np.exp(rng.normal(0.0, 0.2, size=(4000, 49)))
+    stats = np.array([volume_statistic(v.tolist(), 3)[0] for v in normal])
+    assert np.mean(stats > t) == pytest.approx(0.05, abs=0.015)  # flagged as often as one normal B-scan
+    lesion = normal[0].copy()
+    lesion[20:24] = 2.0  # four adjacent B-scans through a lesion
+    stat, start = volume_statistic(lesion.tolist(), 3)
+    assert stat > t and 20 <= start <= 21
+    assert volume_statistic([1.0, 5.0], 3) == (3.0, 0)  # fewer frames than the window: their mean
+    assert volume_statistic([3.0, 1.0, 2.0, 0.5], 2, higher_is_anomalous=False) == (1.25, 2)
 
 
 def test_without_a_tail_a_volume_uses_the_b_scan_threshold() -> None:
