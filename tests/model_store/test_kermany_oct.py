@@ -36,7 +36,7 @@ def test_the_shipped_model_is_a_complete_store_entry(shipped) -> None:
     assert manifest.primary_score == "fused" and manifest.evaluation["held_out_evidence"].startswith("none")
     cal = manifest.calibration[manifest.primary_score]
     assert cal.tail is not None and cal.volume_threshold(49) > cal.threshold
-    card = (STORE / NAME / "MODEL_CARD.md").read_text()
+    card = (version_dir / "MODEL_CARD.md").read_text()  # beside the weights it describes
     assert "CC BY 4.0" in card and "bench/bench_real.py" in card
 
 
