@@ -69,9 +69,10 @@ class Calibration(BaseModel):
     With a `tail` (format 2), `threshold` is the fit's quantile at `threshold_percentile` / 100: the B-scan
     specificity aimed at. A volume of n B-scans is scored by `volume_statistic`: the highest mean over
     `volume_window` adjacent B-scans (a lesion spans neighbouring B-scans, a normal scan's odd frame stands alone),
-    and is anomalous when that passes `volume_threshold(n)`, the statistic's quantile at the same percentile for n
-    independent B-scans drawn from the fit: a normal volume of any length is flagged about as often as one normal
-    B-scan. Without a tail (format 1), a volume uses `threshold` on its most anomalous B-scan."""
+    and is anomalous when that passes `volume_threshold(n)`, the statistic's quantile at `volume_percentile` (by
+    default `threshold_percentile`) for n independent B-scans drawn from the fit: a normal volume of any length is
+    flagged at the same rate whatever its length. Without a tail (format 1), a volume uses `threshold` on its most
+    anomalous B-scan."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -85,6 +86,9 @@ class Calibration(BaseModel):
     map_scale: float | None = None
     tail: TailFit | None = None
     volume_window: int = Field(default=1, ge=1)
+    # The volume decision's own percentile (None: threshold_percentile). A B-scan threshold may sit low for
+    # sensitivity while a volume, read as a whole, keeps a low false-alarm rate.
+    volume_percentile: float | None = Field(default=None, gt=0, lt=100)
 
     def percentile_of(self, score: float) -> float:
         """Where `score` falls among the normal images, 0–100 (linear between the stored percentiles)."""
@@ -102,7 +106,7 @@ class Calibration(BaseModel):
         """The threshold on `volume_statistic` of `n_frames` B-scans' scores. One frame: `threshold`."""
         if self.tail is None or n_frames <= 1:
             return self.threshold
-        q = self.threshold_percentile / 100.0
+        q = (self.volume_percentile or self.threshold_percentile) / 100.0
         window = min(self.volume_window, n_frames)
         if window == 1:  # the maximum (minimum) of n: a closed form
             return self.tail.quantile(q ** (1.0 / n_frames) if higher_is_anomalous

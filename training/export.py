@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold_fit", choices=["tail", "empirical"], default="tail",
                    help="tail: the percentile of a (log-)normal fit of those scores, which also sets each volume's "
                    "threshold by its number of B-scans; empirical: the scores' own percentile")
+    p.add_argument("--volume_percentile", type=float, default=None,
+                   help="a volume's threshold at this percentile (default: --threshold_percentile): how rarely a "
+                   "normal volume is flagged")
     p.add_argument("--volume_window", type=int, default=3,
                    help="a volume's score: the highest mean over this many adjacent B-scans (1: its most anomalous "
                    "B-scan)")
@@ -291,6 +294,8 @@ def export(args: argparse.Namespace) -> Path:
         raise ExportError("--heldout_max must be positive and --num_workers >= 0")
     if args.volume_window < 1:
         raise ExportError("--volume_window must be at least 1")
+    if args.volume_percentile is not None and not 0 < args.volume_percentile < 100:
+        raise ExportError("--volume_percentile must be in (0, 100)")
     ckpt_path = resolve_checkpoint(args.model_dir)
     ckpt = load_checkpoint(ckpt_path)
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
@@ -322,7 +327,8 @@ def export(args: argparse.Namespace) -> Path:
     if "combined" in specs:
         fit_combined([scorer, scripted], normal)
     calibration = {k: calibrate(normal.scores[k], args.threshold_percentile, normal.map_samples.get(specs[k].map),
-                                args.threshold_fit).model_copy(update={"volume_window": args.volume_window})
+                                args.threshold_fit).model_copy(update={"volume_window": args.volume_window,
+                                                                       "volume_percentile": args.volume_percentile})
                    for k in score_names}
 
     # Choose the primary score on held-out abnormal *training* scans (the dataset ships some) vs normal validation.
@@ -366,7 +372,8 @@ def export(args: argparse.Namespace) -> Path:
                         "error (Hanley-McNeil) of it" if args.primary_score is None else "given by --primary_score",
                         "threshold": f"{args.threshold_fit} fit of the normal validation scores at percentile "
                         f"{args.threshold_percentile:g}; a volume: the highest mean over {args.volume_window} "
-                        "adjacent B-scans, against that statistic's percentile over volumes of as many B-scans "
+                        "adjacent B-scans, against that statistic's percentile "
+                        f"{args.volume_percentile or args.threshold_percentile:g} over volumes of as many B-scans "
                         "drawn from the fit"},
         )
         write_manifest(tmp, manifest)
