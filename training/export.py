@@ -91,9 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--volume_percentile", type=float, default=None,
                    help="a volume's threshold at this percentile (default: --threshold_percentile): how rarely a "
                    "normal volume is flagged")
-    p.add_argument("--volume_window", type=int, default=3,
+    p.add_argument("--volume_window", type=int, default=1,
                    help="a volume's score: the highest mean over this many adjacent B-scans (1: its most anomalous "
-                   "B-scan)")
+                   "B-scan, which a lesion seen on one B-scan alone passes; more: lesions that span neighbouring "
+                   "B-scans stand out of single odd normal frames)")
     p.add_argument("--top_fraction", type=float, default=0.01, help="fraction of each map averaged into its score")
     p.add_argument("--primary_score", default=None, help="default: the best held-out AUROC (see manifest evaluation)")
     p.add_argument("--batch_size", type=int, default=32)

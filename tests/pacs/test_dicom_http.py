@@ -58,13 +58,13 @@ def test_volume_scores_per_frame_equal_png_scores(service: Service, tiny_model) 
         assert Image.open(io.BytesIO(heatmap)).format == "PNG"
     scores = [f["score"] for f in body["frames"]]
     assert body["max_frame"] == int(np.argmax(scores))
-    # The volume's score is the highest mean over the manifest's window of adjacent frames, its threshold the
-    # fitted normal tail's for 3 frames; each frame is judged against the B-scan threshold.
+    # The volume's score is its most anomalous frame's (export's default window of one frame), its threshold the
+    # fitted normal tail's for the maximum of 3 frames; each frame is judged against the B-scan threshold.
     manifest = read_manifest(tiny_model.version_dir)
     cal = manifest.calibration[manifest.primary_score]
-    assert cal.volume_window == 3 and body["volume_window"] == 3 and body["aggregation"] == "window_mean_max"
-    assert body["score"] == pytest.approx(np.mean(scores))
-    assert body["threshold"] == pytest.approx(cal.volume_threshold(3))
+    assert cal.volume_window == 1 and body["volume_window"] == 1 and body["aggregation"] == "window_mean_max"
+    assert body["score"] == max(scores)
+    assert body["threshold"] == pytest.approx(cal.volume_threshold(3)) and body["threshold"] > cal.threshold
     assert body["is_anomalous"] == (body["score"] > body["threshold"])
     assert [f["is_anomalous"] for f in body["frames"]] == [f["score"] > cal.threshold for f in body["frames"]]
     for value in PHI.values():
