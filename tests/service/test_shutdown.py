@@ -17,10 +17,15 @@ pytestmark = pytest.mark.slow
 
 
 async def fire(url: str, data: bytes, n: int, after_s: float = 0.0,
-               on_sent=None) -> list[httpx.Response | Exception]:
+               on_sent=None, done: list[tuple[float, int]] | None = None) -> list[httpx.Response | Exception]:
+    """n concurrent uploads; the results in the order they were sent. `done` (if given) collects (monotonic time,
+    index) as each one completes."""
     async with httpx.AsyncClient(base_url=url, timeout=60) as c:
         tasks = [asyncio.ensure_future(c.post("/score", params={"heatmaps": "false"},
                                               files={"file": ("a.jpeg", data)})) for _ in range(n)]
+        if done is not None:
+            for i, t in enumerate(tasks):
+                t.add_done_callback(lambda _, i=i: done.append((time.monotonic(), i)))
         if on_sent is not None:
             await asyncio.sleep(after_s)
             on_sent()
@@ -32,14 +37,17 @@ def test_overload_gives_503_at_once_and_the_service_recovers(start_service, scan
     # the queue. Batch sizes stay small: the service warms every one before it is ready.
     svc = start_service(OCT_MAX_QUEUE="3", OCT_MAX_BATCH_SIZE="16", OCT_MAX_BATCH_DELAY_MS="1500",
                         OCT_RETRY_AFTER_S="2")
-    results = asyncio.run(fire(svc.url, scan_bytes, 12))
+    done: list[tuple[float, int]] = []
+    results = asyncio.run(fire(svc.url, scan_bytes, 12, done=done))
     codes = sorted(r.status_code for r in results if isinstance(r, httpx.Response))
     assert len(codes) == 12 and codes.count(200) >= 3 and codes.count(503) >= 1 and set(codes) <= {200, 503}, codes
     refused = next(r for r in results if r.status_code == 503)
     assert refused.headers["retry-after"] == "2"
     assert refused.headers["content-type"] == "application/problem+json"
     assert refused.json()["type"].endswith(":overloaded")
-    assert refused.elapsed.total_seconds() < 1.0  # refused at once, not after the 1.5 s batch window
+    # Refused at once: every 503 completed before any 200 (those wait for the 1.5 s batch window).
+    order = [results[i].status_code for _, i in sorted(done)]
+    assert order == sorted(order, reverse=True), order
     assert httpx.get(f"{svc.url}/readyz").status_code == 200
     r = httpx.post(f"{svc.url}/score", files={"file": ("a.jpeg", scan_bytes)}, timeout=30)
     assert r.status_code == 200
@@ -54,12 +62,14 @@ def test_sigterm_under_load_answers_every_accepted_request(start_service, scan_b
         sent_at.append(time.monotonic())
         svc.proc.send_signal(signal.SIGTERM)
 
-    results = asyncio.run(fire(svc.url, scan_bytes, 16, after_s=0.4, on_sent=terminate))
+    done: list[tuple[float, int]] = []
+    results = asyncio.run(fire(svc.url, scan_bytes, 16, after_s=0.4, on_sent=terminate, done=done))
     # A request still connecting when the signal came was never accepted; any other failure is a dropped request.
     accepted = [r for r in results if not isinstance(r, httpx.ConnectError)]
     assert len(accepted) >= 8, results
     assert all(isinstance(r, httpx.Response) and r.status_code == 200 for r in accepted), accepted
-    assert all(r.elapsed.total_seconds() > 0.4 for r in accepted)  # they were still queued at SIGTERM
+    # They were still queued at SIGTERM: none completed before the signal was sent.
+    assert min(at for at, _ in done) > sent_at[0]
     assert svc.proc.wait(30) == 0
     assert "Shutting down" in svc.log() or "shutting down" in svc.log().lower()
 
@@ -97,7 +107,8 @@ def test_drain_keeps_answering_for_the_delay_and_resets_no_connection(start_serv
 
     def client() -> None:  # one connection per request, until the port refuses for good
         while not stop.is_set():
-            outcomes.append((time.monotonic(), one_shot(svc.port, "/score?heatmaps=false", body, headers)))
+            started = time.monotonic()
+            outcomes.append((started, one_shot(svc.port, "/score?heatmaps=false", body, headers)))
 
     threads = [threading.Thread(target=client) for _ in range(6)]
     for t in threads:
@@ -108,15 +119,17 @@ def test_drain_keeps_answering_for_the_delay_and_resets_no_connection(start_serv
     while one_shot(svc.port, "/readyz") != "503" and time.monotonic() < term_at + 1.0:
         time.sleep(0.02)
     not_ready_at = time.monotonic()
+    assert one_shot(svc.port, "/readyz") == "503"  # not ready within the drain delay
     assert svc.proc.wait(60) == 0
     stop.set()
     for t in threads:
         t.join(60)
     kinds = [k for _, k in outcomes]
-    # /readyz turns 503 at once (signal delivery and one poll), while /score is still answered for the delay.
-    assert not_ready_at - term_at < 0.5
-    during_delay = [k for at, k in outcomes if not_ready_at < at < term_at + 1.2]
-    assert during_delay and set(during_delay) == {"200"}, during_delay
+    # Once /readyz says 503 the service still answers /score for the delay: the requests started after that, in
+    # the order they started, are answered until the port closes (and never reset).
+    after = [k for _, k in sorted(o for o in outcomes if o[0] > not_ready_at)]
+    during_delay = after[:after.index("refused")] if "refused" in after else after
+    assert during_delay and set(during_delay) == {"200"}, after
     assert "reset" not in kinds, kinds.count("reset")
     assert set(kinds) <= {"200", "refused"}, sorted(set(kinds))
     assert kinds.count("200") >= 10
@@ -141,7 +154,6 @@ def test_a_request_still_on_its_way_at_shutdown_is_answered(start_service, scan_
     idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
     assert idle.recv(65536).startswith(b"HTTP/1.1 200")
     time.sleep(0.3)  # every connection accepted
-    started = time.monotonic()
     svc.proc.send_signal(signal.SIGTERM)
     time.sleep(1.5)  # the listener closed at 0.3 s, uvicorn's shutdown began at ~0.6 s
     assert idle.recv(65536) == b""  # closed: it was between requests
@@ -152,4 +164,3 @@ def test_a_request_still_on_its_way_at_shutdown_is_answered(start_service, scan_
         assert answer.startswith(b"HTTP/1.1 200") and b"\r\nconnection: close\r\n" in answer.lower(), answer[:200]
     assert _recv_all(silent) == b""  # closed after uvicorn's keep-alive timeout (5 s), nothing sent, nothing lost
     assert svc.proc.wait(30) == 0
-    assert time.monotonic() - started < 15
