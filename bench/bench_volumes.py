@@ -1,7 +1,7 @@
 """Volume-level decision: sensitivity and specificity over volumes of B-scans, with an exported model.
 
-    python -m training.phantom demo/data --train-normal 0 --test-per-class 0 --volumes 20 --volume-frames 49
-    python bench/bench_volumes.py --model_dir model_store/phantom/1 --volumes demo/data/volumes
+    python -m training.phantom demo/volumes --train-normal 0 --test-per-class 0 --train-abnormal 0 --volumes 10 --seed 1
+    python bench/bench_volumes.py --model_dir model_store/phantom/1 --volumes demo/volumes/volumes
 
 Each volume is a folder of B-scans (`<volumes>/<CLASS>/<volume>/*.jpeg`, as `training.phantom --volumes` writes).
 Every B-scan is scored by the exported scorer; a volume is called anomalous as the service calls it: when its
