@@ -83,8 +83,8 @@ def tables(demo_dir: Path) -> str:
     abnormal = [v for c in DISEASES for v in flagged.get(c, [])]
     rate = {c: sum(v) / len(v) for c, v in flagged.items() if v}
     lines += ["", f"At the manifest threshold ({primary} > {threshold:.4g}, the "
-              f"{manifest['calibration'][primary]['threshold_percentile']:g}th percentile of normal validation "
-              f"scans): sensitivity {sum(abnormal) / max(len(abnormal), 1):.3f} ("
+              f"{manifest['calibration'][primary]['threshold_percentile']:g}th percentile of the normal validation "
+              f"scans' fit): sensitivity {sum(abnormal) / max(len(abnormal), 1):.3f} ("
               + ", ".join(f"{c} {rate[c]:.3f}" for c in DISEASES if c in rate)
               + f"), specificity {1 - rate.get('NORMAL', float('nan')):.3f}."]
     return "\n".join(lines)
