@@ -31,44 +31,45 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_dir", required=True, help="a model version folder: <store>/<name>/<version>")
     p.add_argument("--volumes", required=True, help="folder of <CLASS>/<volume>/*.jpeg")
+    p.add_argument("--windows", default="1,3", help="also report these volume windows (export --volume_window)")
     p.add_argument("--batch_size", type=int, default=16)
     args = p.parse_args()
     manifest, scorer = load_scorer(Path(args.model_dir), "cpu")
     primary, prep = manifest.primary_score, manifest.preprocessing_config()
     cal, higher = manifest.calibration[primary], manifest.scores[primary].higher_is_anomalous
-    single = cal.model_copy(update={"volume_window": 1})
-    rows: dict[str, list[tuple[bool, bool, bool, int]]] = {}
+    windows = list(dict.fromkeys([cal.volume_window, *(int(w) for w in args.windows.split(","))]))
+    rules = [cal.model_copy(update={"volume_window": w}) for w in windows]
+    sign = 1.0 if higher else -1.0  # compare as "higher is anomalous"
+    rows: dict[str, list[list[float]]] = {}  # per volume: one flag per rule, the B-scan rule's, frames over
     for cls in CLASSES:
         for vol in sorted(d for d in (Path(args.volumes) / cls).glob("*") if d.is_dir()):
             files = sorted(vol.glob("*.jp*g"), key=lambda f: int(f.stem.rsplit("-", 1)[-1]))
             if not files:
                 continue
             s = score_files(scorer, files, prep, [primary], [], args.batch_size, desc=vol.name).scores[primary]
-            sign = 1.0 if higher else -1.0  # compare as "higher is anomalous"
-            stat, _ = volume_statistic(s.tolist(), cal.volume_window, higher)
-            worst = float((sign * s).max())
-            over_bscan = int(np.sum(sign * s > sign * cal.threshold))
-            rows.setdefault(cls, []).append((sign * stat > sign * cal.volume_threshold(len(files), higher),
-                                             worst > sign * single.volume_threshold(len(files), higher),
-                                             worst > sign * cal.threshold, over_bscan))
+            flags = [sign * volume_statistic(s.tolist(), r.volume_window, higher)[0]
+                     > sign * r.volume_threshold(len(files), higher) for r in rules]
+            rows.setdefault(cls, []).append([*flags, float((sign * s).max()) > sign * cal.threshold,
+                                             float(np.sum(sign * s > sign * cal.threshold))])
     if not rows.get("NORMAL"):
         raise SystemExit(f"error: no NORMAL volumes under {args.volumes}")
-    n_frames = len(files)
+    n = len(files)
     print(f"model {manifest.name}/{manifest.version}, served score {primary}; {sum(map(len, rows.values()))} volumes "
-          f"of {n_frames} B-scans; B-scan threshold {cal.threshold:.4g}; volume threshold "
-          f"{cal.volume_threshold(n_frames, higher):.4g} (window {cal.volume_window}), "
-          f"{single.volume_threshold(n_frames, higher):.4g} (window 1)")
-    rules = (f"window {cal.volume_window}", "window 1", "B-scan thr")
-    print(f"{'class':<8}{'volumes':>8}{'':>6}" + "".join(f"{r:>14}" for r in rules) + f"{'frames > B-scan thr':>22}")
+          f"of {n} B-scans; B-scan threshold {cal.threshold:.4g}; volume thresholds "
+          + ", ".join(f"{r.volume_threshold(n, higher):.4g} (window {r.volume_window})" for r in rules)
+          + f"; the manifest's window: {cal.volume_window}")
+    names = [f"window {w}" for w in windows] + ["B-scan thr"]
+    k = len(names)
+    print(f"{'class':<8}{'volumes':>8}{'':>6}" + "".join(f"{r:>14}" for r in names) + f"{'frames > B-scan thr':>22}")
     for cls, r in rows.items():
         a = np.array(r, dtype=float)
         label = "spec" if cls == "NORMAL" else "sens"
-        rates = 1 - a[:, :3].mean(axis=0) if cls == "NORMAL" else a[:, :3].mean(axis=0)
-        print(f"{cls:<8}{len(r):>8}{label:>6}" + "".join(f"{v:>14.3f}" for v in rates) + f"{a[:, 3].mean():>22.1f}")
+        rates = 1 - a[:, :k].mean(axis=0) if cls == "NORMAL" else a[:, :k].mean(axis=0)
+        print(f"{cls:<8}{len(r):>8}{label:>6}" + "".join(f"{v:>14.3f}" for v in rates) + f"{a[:, k].mean():>22.1f}")
     abnormal = np.array([x for c, r in rows.items() if c != "NORMAL" for x in r], dtype=float)
     if abnormal.size:
-        sens = abnormal[:, :3].mean(axis=0)
-        print("abnormal volumes, sensitivity: " + ", ".join(f"{v:.3f} ({r})" for v, r in zip(sens, rules, strict=True)))
+        sens = abnormal[:, :k].mean(axis=0)
+        print("abnormal volumes, sensitivity: " + ", ".join(f"{v:.3f} ({r})" for v, r in zip(sens, names, strict=True)))
     return 0
 
 
