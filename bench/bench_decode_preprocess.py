@@ -3,9 +3,8 @@
     python bench/bench_decode_preprocess.py [--image scan.jpeg] [--repeat 7]
 
 Prints milliseconds per call (best of `--repeat` rounds, so another job on the machine inflates it least): the JPEG
-decode (torchvision, PIL), `preprocess_gray` whole, and the resize it does (`octcore.resize`: PIL's float filter as
-two sparse products) next to the others it could do (PIL float itself — what it reproduces —, PIL 8-bit, torch's
-antialiased interpolate), with their largest difference from PIL float in 1/255 steps.
+decode (torchvision, PIL), `preprocess_gray` whole, and the resize it does (PIL's float filter) next to others it
+could do (PIL 8-bit, torch's antialiased interpolate), with their largest difference from PIL float in 1/255 steps.
 Asserts nothing; the service-level number is `bench/bench_overhead.py`'s.
 """
 
@@ -27,7 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from octcore.preprocess import Preprocessing, crop_white_margins, preprocess_gray  # noqa: E402
-from octcore.resize import resize  # noqa: E402
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -61,8 +59,7 @@ def main() -> None:
     side = (cfg.size, cfg.size)
     ref = np.asarray(Image.fromarray(f32).resize(side, Image.Resampling.BILINEAR))
     resizes = {
-        "octcore.resize (in use)": lambda: resize(u8, cfg.size, cfg.resample, gain=1 / 255.0),
-        "PIL float": lambda: np.asarray(Image.fromarray(f32).resize(side, Image.Resampling.BILINEAR)),
+        "PIL float (in use)": lambda: np.asarray(Image.fromarray(f32).resize(side, Image.Resampling.BILINEAR)),
         "PIL 8-bit, then / 255": lambda: np.asarray(Image.fromarray(u8).resize(side, Image.Resampling.BILINEAR),
                                                     np.float32) / 255.0,
         "torch antialiased float": lambda: F.interpolate(torch.from_numpy(f32)[None, None], size=side, mode="bilinear",

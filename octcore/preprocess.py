@@ -13,8 +13,6 @@ import numpy as np
 from PIL import Image
 from pydantic import ConfigDict
 
-from octcore.resize import FILTERS, resize
-
 # Formats a scan can arrive in: 8-bit, 16-bit, float, palette, with or without alpha.
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
 
@@ -244,12 +242,12 @@ def preprocess_gray(gray: np.ndarray, cfg: Preprocessing) -> tuple[np.ndarray, t
     edges = _border_edges(bright)  # the saturation mask comes from the crop step (on uint8, a quarter the bytes)
     touches = any(edges)
     fill = _fill_level(cfg.margin_fill)
-    # Painted and resized in 0..255 units, the normalisation ((x / 255) - mean) / std folded into the resize. Float
-    # pixels are scaled up to the same units, so v / 255 from a DICOM frame and v from a JPEG give bit-identical
-    # inputs (v / 255 * 255 == v for every 8-bit v in float32).
+    # Painted and resized in 0..255 units, then normalised ((x / 255) - mean) / std. Float pixels are scaled up to
+    # the same units, so v / 255 from a DICOM frame and v from a JPEG give bit-identical inputs (v / 255 * 255 == v
+    # for every 8-bit v in float32).
     if cropped.dtype == np.uint8 and (fill is not None or not touches):
-        # 8-bit pixels (the usual scan) stay 8-bit until the resize's own conversion to float: a quarter of the
-        # bytes painted, and no float copy made twice.
+        # 8-bit pixels (the usual scan) stay 8-bit until the resize's conversion to float: a quarter of the bytes
+        # painted, and no float copy made twice.
         x = cropped
         if touches:
             x = cropped.copy()  # the caller's pixels are never painted
@@ -270,13 +268,12 @@ def _fill_level(fill: float) -> int | None:
 
 
 def _resize(x: np.ndarray, cfg: Preprocessing) -> np.ndarray:
-    """Pixels in 0..255 units (uint8 or float32) → the model input: resized to (size, size), (x / 255 - mean) / std."""
-    gain, offset = 1.0 / (255.0 * cfg.std), -cfg.mean / cfg.std
-    if cfg.resample in FILTERS:
-        return resize(x, cfg.size, cfg.resample, gain, offset)
-    # PIL's nearest picks samples rather than filtering them: left to PIL.
-    resized = Image.fromarray(x.astype(np.float32)).resize((cfg.size, cfg.size), _RESAMPLE[cfg.resample])
-    return np.asarray(resized, dtype=np.float32) * np.float32(gain) + np.float32(offset)
+    """Pixels in 0..255 units (uint8 or float32) → the model input: PIL's antialiased float resize to (size, size),
+    then (x / 255 - mean) / std."""
+    gain, offset = np.float32(1.0 / (255.0 * cfg.std)), np.float32(-cfg.mean / cfg.std)
+    resized = np.asarray(Image.fromarray(x.astype(np.float32, copy=False)).resize((cfg.size, cfg.size),
+                                                                                  _RESAMPLE[cfg.resample]))
+    return np.add(np.multiply(resized, gain, dtype=np.float32), offset, dtype=np.float32)
 
 
 def preprocess(image: Image.Image, cfg: Preprocessing) -> np.ndarray:

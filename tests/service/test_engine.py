@@ -78,11 +78,8 @@ def test_score_upload_answers_with_heatmaps_in_the_asked_format(engine: Engine, 
 
 def test_the_inference_thread_keeps_the_engine_thread_count(tiny_model, monkeypatch) -> None:
     """The forward pass and the heatmaps of every batch run at the engine's torch thread count (one count per
-    thread, set once), even when the inference thread starts while the event loop is inside preprocessing's
-    one-thread block (where a new thread would otherwise take a count of 1)."""
+    thread, set once)."""
     import service.engine as engine_module
-    from octcore.resize import one_torch_thread
-
     before = torch.get_num_threads()
     try:
         engine = Engine.load(Settings(model_store=tiny_model.store, model_name=tiny_model.name, device="cpu",
@@ -106,8 +103,7 @@ def test_the_inference_thread_keeps_the_engine_thread_count(tiny_model, monkeypa
         async def main() -> list:
             await engine.start()
             try:
-                with one_torch_thread():  # the inference thread starts here, at the first batch
-                    first = await asyncio.gather(*(engine.batcher.submit(x, box) for _ in range(2)))
+                first = await asyncio.gather(*(engine.batcher.submit(x, box) for _ in range(2)))
                 return [first, [await engine.batcher.submit(x, box)]]  # the next batch, on the same thread
             finally:
                 await engine.stop()

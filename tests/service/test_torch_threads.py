@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from service_helpers import submit_batches
 
-from octcore.resize import resize
+from octcore.preprocess import Preprocessing, preprocess_gray
 from service.engine import Engine
 from service.metrics import Metrics
 from service.settings import Settings
@@ -31,9 +31,9 @@ def test_thread_counts_are_fixed_per_thread(tiny_model, monkeypatch) -> None:
         real = torch.set_num_threads
         monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real(n)))
         image = np.random.default_rng(0).integers(0, 256, (496, 512), dtype=np.uint8)
-        out = engine.cpu_pool.submit(resize, image, engine.size).result()
+        out, _ = engine.cpu_pool.submit(preprocess_gray, image, Preprocessing(size=engine.size)).result()
         assert out.shape == (engine.size, engine.size)
-        assert calls == [], "a resize on a CPU thread changed torch's thread count"
+        assert calls == [], "preprocessing on a CPU thread changed torch's thread count"
         monkeypatch.setattr(torch, "set_num_threads", real)
         # Two batches through the engine's own queue (it stops, and shuts its pools, after them).
         submit_batches(engine, [(out, None)], [(out, None)])
