@@ -634,7 +634,9 @@ class _Item:
     name: str
 
 
-def _image_rng(seed: int, split: str, cls: str, index: int) -> np.random.Generator:
+def image_rng(seed: int, split: str, cls: str, index: int) -> np.random.Generator:
+    """The generator of `generate`'s image `index` of (split, class) for `seed` (which first draws the scan's width,
+    then renders it): one seeded stream per image, so a scan can be redrawn alone, with or without its lesion."""
     return np.random.default_rng([seed, _IMAGE_TAG, SPLITS.index(split), CLASSES.index(cls), index])
 
 
@@ -673,7 +675,7 @@ def mask_path(oct_root: Path, split: str, cls: str, scan_name: str) -> Path:
 
 
 def _render_item(item: _Item, seed: int, out: Path) -> None:
-    rng = _image_rng(seed, item.split, item.cls, item.index)
+    rng = image_rng(seed, item.split, item.cls, item.index)
     width = WIDE_WIDTH if rng.random() < WIDE_FRACTION else WIDTH
     img, mask = render_bscan_and_mask(rng, item.cls, HEIGHT, width)
     Image.fromarray(img, mode="L").save(out / item.split / item.cls / item.name, quality=JPEG_QUALITY)

@@ -16,8 +16,8 @@ from PIL import Image
 from training.phantom import (
     CLASSES,
     PhantomError,
-    _image_rng,
     generate,
+    image_rng,
     main,
     mask_path,
     render_bscan,
@@ -115,7 +115,7 @@ def test_render_is_deterministic_and_shaped() -> None:
 
 def test_normal_scan_looks_like_oct() -> None:
     """Dark noisy vitreous on top, a bright RPE band, a choroid that fades with depth."""
-    img = render_bscan(_image_rng(0, "test", "NORMAL", 0), "NORMAL").astype(np.float32)
+    img = render_bscan(image_rng(0, "test", "NORMAL", 0), "NORMAL").astype(np.float32)
     profile = np.median(img[:, 40:90], axis=1)  # away from the fovea (which lies in the middle 30 %)
     rpe = int(np.argmax(profile))
     ilm = int(np.argmax(profile > 2 * np.median(profile[:30])))
@@ -150,8 +150,8 @@ def _ilm_rows(img: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("index", range(3))
 @pytest.mark.parametrize("cls", DISEASES)
 def test_lesion_changes_only_its_region(cls: str, index: int) -> None:
-    sick = render_bscan(_image_rng(9, "test", cls, index), cls).astype(np.int16)
-    twin = render_bscan(_image_rng(9, "test", cls, index), cls, lesion=False).astype(np.int16)
+    sick = render_bscan(image_rng(9, "test", cls, index), cls).astype(np.int16)
+    twin = render_bscan(image_rng(9, "test", cls, index), cls, lesion=False).astype(np.int16)
     changed_cols = np.flatnonzero(np.abs(sick - twin).max(axis=0) > 0)
     assert changed_cols.size > 15, "a visible lesion"
     assert changed_cols.size < 0.8 * sick.shape[1], "the lesion is local; the rest of the scan is the same"
@@ -176,9 +176,9 @@ def test_lesion_changes_only_its_region(cls: str, index: int) -> None:
 def test_mask_marks_what_the_lesion_changed(cls: str, index: int) -> None:
     """The mask lies where the scan differs from its healthy twin and covers what the lesion drew: drusen and PED
     material under the lifted RPE, CNV fluid and hyper-reflective material, DME cysts in the thickened retina."""
-    sick, mask = render_bscan_and_mask(_image_rng(9, "test", cls, index), cls)
-    assert np.array_equal(sick, render_bscan(_image_rng(9, "test", cls, index), cls)), "the mask draws no RNG"
-    twin = render_bscan(_image_rng(9, "test", cls, index), cls, lesion=False).astype(np.int16)
+    sick, mask = render_bscan_and_mask(image_rng(9, "test", cls, index), cls)
+    assert np.array_equal(sick, render_bscan(image_rng(9, "test", cls, index), cls)), "the mask draws no RNG"
+    twin = render_bscan(image_rng(9, "test", cls, index), cls, lesion=False).astype(np.int16)
     diff = sick.astype(np.int16) - twin
     assert mask.shape == sick.shape and 0.0005 < mask.mean() < 0.2
     changed_cols = np.abs(diff).max(axis=0) > 0
@@ -194,7 +194,7 @@ def test_mask_marks_what_the_lesion_changed(cls: str, index: int) -> None:
     assert grown[diff < -60].mean() > 0.75, "darkening (fluid, cysts, deposits under the RPE) is lesion"
     assert grown[np.abs(diff) > 60].mean() > 0.35
     assert (np.abs(diff[mask]) > 20).mean() > 0.25, "the mask is not mostly unchanged tissue"
-    assert not render_bscan_and_mask(_image_rng(9, "test", cls, index), cls, lesion=False)[1].any()
+    assert not render_bscan_and_mask(image_rng(9, "test", cls, index), cls, lesion=False)[1].any()
 
 
 def test_masks_written_for_abnormal_scans_only(small_set: Path) -> None:
@@ -218,7 +218,7 @@ def test_smaller_rerun_removes_stale_masks(tmp_path: Path) -> None:
 
 
 def test_normal_has_no_lesion_to_remove() -> None:
-    rng_a, rng_b = _image_rng(2, "train", "NORMAL", 0), _image_rng(2, "train", "NORMAL", 0)
+    rng_a, rng_b = image_rng(2, "train", "NORMAL", 0), image_rng(2, "train", "NORMAL", 0)
     assert np.array_equal(render_bscan(rng_a, "NORMAL"), render_bscan(rng_b, "NORMAL", lesion=False))
 
 
@@ -301,7 +301,7 @@ def test_phantom_and_real_scans_have_similar_intensity_statistics() -> None:
         return float(np.median(body)), float(np.percentile(body, 99)), float((img >= 250).mean())
 
     real = [stats(np.asarray(Image.open(f))) for f in sorted(KERMANY.glob("*.jpeg"))]
-    fake = [stats(render_bscan(_image_rng(0, "test", c, i), c)) for c in CLASSES for i in range(2)]
+    fake = [stats(render_bscan(image_rng(0, "test", c, i), c)) for c in CLASSES for i in range(2)]
     for name, values in (("real", real), ("phantom", fake)):
         med = np.median([v[0] for v in values])
         p99 = np.median([v[1] for v in values])
@@ -312,7 +312,7 @@ def test_phantom_and_real_scans_have_similar_intensity_statistics() -> None:
 def test_white_margins_like_real_scans_and_cropped_by_shared_preprocessing() -> None:
     from octcore.preprocess import Preprocessing, crop_white_margins
 
-    scans = [render_bscan(_image_rng(1, "train", "NORMAL", i), "NORMAL") for i in range(40)]
+    scans = [render_bscan(image_rng(1, "train", "NORMAL", i), "NORMAL") for i in range(40)]
     with_white = [a for a in scans if (a == 255).any()]
     assert 0.2 < len(with_white) / len(scans) < 0.8, "some scans, not all, carry white registration padding"
     with_strip = [a for a in scans if (a == 255).all(axis=0).any()]
