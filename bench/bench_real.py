@@ -1,6 +1,6 @@
 """Real-scan benchmark: patient-wise k-fold over every real NORMAL Kermany B-scan in one or more sample folders.
 
-    python bench/bench_real.py --samples samples/kermany --samples ../shared/kermany-more
+    python bench/bench_real.py --samples samples/kermany --samples <folder with the scans samples/kermany-more lists>
 
 The folders (each `<CLASS>/<CLASS>-<patient>-<n>.jpeg`) are pooled and deduplicated by content (the data set reuses
 file names across its splits: a clash of names with other content is kept under a suffixed name). The NORMAL
@@ -110,23 +110,21 @@ def decision(normal: np.ndarray, abnormal: dict[str, np.ndarray], threshold: flo
     return out | {f"sensitivity {c}": float(np.mean(v > threshold)) for c, v in abnormal.items()}
 
 
-def run_fold(work: Path, train_normal: list[tuple[str, Path]], test: dict[str, list[tuple[str, Path]]],
-             args: argparse.Namespace) -> dict:
-    """Train → (prior) → export → score the held-out scans with the exported scorer."""
-    data = lay_out(work / "data", train_normal, test)
-    log = work / "log.txt"
+def train_recipe(data: Path, work: Path, args: argparse.Namespace, log: Path, reuse: bool) -> Path:
+    """The recipe on `data`'s train/NORMAL: VQ-VAE, then its prior; the best checkpoint. With `reuse`, a trained run
+    in `work` is kept (a shorter one continued to --epochs: the learning rate is constant) and its prior too."""
     ckpts = sorted((work / "runs").glob("*/best-*.ckpt"))
     train = ["--data_root", str(data), "--output_dir", str(work / "runs"), "--epochs", str(args.epochs),
              "--image_size", str(args.image_size), "--batch_size", str(args.batch_size), "--seed", str(args.seed),
              "--device", args.device, "--num_workers", "0", "--cache_dir", str(work / "cache"),
              *args.train_args.split()]
     retrained = False
-    if not (args.reuse and ckpts):
+    if not (reuse and ckpts):
         shutil.rmtree(work / "runs", ignore_errors=True)
         cli("training.train", *train, log=log)
         retrained = True
     elif (done := json.loads((ckpts[-1].parent / "summary.json").read_text()))["epochs_run"] < args.epochs \
-            and not done["stopped_early"]:  # a shorter run kept: continue it to --epochs (a constant learning rate)
+            and not done["stopped_early"]:
         cli("training.train", "--resume", str(ckpts[-1].parent), *train, log=log)
         retrained = True
     ckpt = sorted((work / "runs").glob("*/best-*.ckpt"))[-1]
@@ -134,6 +132,15 @@ def run_fold(work: Path, train_normal: list[tuple[str, Path]], test: dict[str, l
         cli("training.train_prior", "--model_dir", str(ckpt), "--epochs", str(args.prior_epochs), "--batch_size",
             str(args.prior_batch_size), "--device", args.device, "--seed", str(args.seed), *args.prior_args.split(),
             log=log)
+    return ckpt
+
+
+def run_fold(work: Path, train_normal: list[tuple[str, Path]], test: dict[str, list[tuple[str, Path]]],
+             args: argparse.Namespace) -> dict:
+    """Train → (prior) → export → score the held-out scans with the exported scorer."""
+    data = lay_out(work / "data", train_normal, test)
+    log = work / "log.txt"
+    ckpt = train_recipe(data, work, args, log, args.reuse)
     if args.train_only:
         return {}
     shutil.rmtree(work / "store", ignore_errors=True)
@@ -169,18 +176,10 @@ def ship(files: dict[str, list[tuple[str, Path]]], args: argparse.Namespace) -> 
         work = Path(args.work_dir or tmp) / "ship"
         data = lay_out(work / "data", files["NORMAL"], {})
         log = work / "log.txt"
-        cli("training.train", "--data_root", str(data), "--output_dir", str(work / "runs"), "--epochs",
-            str(args.epochs), "--image_size", str(args.image_size), "--batch_size", str(args.batch_size), "--seed",
-            str(args.seed), "--device", args.device, "--num_workers", "0", "--cache_dir", str(work / "cache"),
-            *args.train_args.split(), log=log)
-        ckpt = sorted((work / "runs").glob("*/best-*.ckpt"))[-1]
-        if args.prior_epochs > 0:
-            cli("training.train_prior", "--model_dir", str(ckpt), "--epochs", str(args.prior_epochs), "--batch_size",
-                str(args.prior_batch_size), "--device", args.device, "--seed", str(args.seed),
-                *args.prior_args.split(), log=log)
+        ckpt = train_recipe(data, work, args, log, reuse=False)
         cli("training.export", "--model_dir", str(ckpt), "--model_store", args.ship, "--name", args.name,
             "--num_workers", "0", *args.export_args.split(), log=log)
-    print(f"exported {args.name} into {args.ship} (log: {log})")
+    print(f"exported {args.name} into {args.ship}")
     return 0
 
 
