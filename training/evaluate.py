@@ -80,10 +80,11 @@ def fit_tail(values: np.ndarray) -> TailFit | None:
 
 
 def calibrate(values: np.ndarray, threshold_percentile: float, map_samples: np.ndarray | None,
-              fit: str = "tail") -> Calibration:
+              fit: str = "tail", volume_window: int = 1, volume_percentile: float | None = None) -> Calibration:
     """Normal-image score distribution and its decision threshold at `threshold_percentile`: of the fitted tail
     (`fit="tail"`, falling back to the empirical percentile where no fit is possible) or of the images themselves
-    (`fit="empirical"`). Either way about 100 - p % of normal B-scans are flagged."""
+    (`fit="empirical"`). Either way about 100 - p % of normal B-scans are flagged. The volume rule's settings are
+    recorded beside it (`Calibration.volume_threshold`)."""
     if values.size == 0:
         raise ValueError("no normal images to calibrate on")
     map_scale = None
@@ -94,7 +95,8 @@ def calibrate(values: np.ndarray, threshold_percentile: float, map_samples: np.n
     threshold = tail.quantile(p / 100) if tail else float(np.percentile(values, p))
     return Calibration(n=int(values.size), mean=float(values.mean()), std=float(values.std()),
                        percentiles=[float(v) for v in np.percentile(values, np.arange(101))],
-                       threshold_percentile=threshold_percentile, threshold=threshold, map_scale=map_scale, tail=tail)
+                       threshold_percentile=threshold_percentile, threshold=threshold, map_scale=map_scale, tail=tail,
+                       volume_window=volume_window, volume_percentile=volume_percentile)
 
 
 def separation(normal: np.ndarray, abnormal: np.ndarray) -> dict[str, float]:

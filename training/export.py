@@ -242,8 +242,8 @@ def held_out_abnormal(oct_root: Path, max_n: int, seed: int) -> list[Path]:
 
 # The score served when the run's own evidence does not clearly say otherwise. On real Kermany scans (patient-wise
 # folds of bench/bench_real.py, no abnormal scan trained on) `fused` separated NORMAL from the rest best of all scores
-# (0.952 against nll 0.894 and combined 0.886); on the demo phantom it came within 0.005 of the best (0.959 against
-# combined's 0.964). A score that wins on one data set only is a poor default for the next one (docs/quality.md).
+# (0.933 against combined 0.893 and nll 0.850); on the demo phantom it equalled the best (0.958, as combined:
+# bench/bench_quality.py). A score that wins on one data set only is a poor default for the next one.
 PREFERRED_SCORE = "fused"
 
 
@@ -328,9 +328,7 @@ def export(args: argparse.Namespace) -> Path:
     if "combined" in specs:
         fit_combined([scorer, scripted], normal)
     calibration = {k: calibrate(normal.scores[k], args.threshold_percentile, normal.map_samples.get(specs[k].map),
-                                args.threshold_fit).model_copy(update={"volume_window": args.volume_window,
-                                                                       "volume_percentile": args.volume_percentile})
-                   for k in score_names}
+                                args.threshold_fit, args.volume_window, args.volume_percentile) for k in score_names}
 
     # Choose the primary score on held-out abnormal *training* scans (the dataset ships some) vs normal validation.
     # A normal-only data set has none: then PREFERRED_SCORE, on the evidence of other data sets.
