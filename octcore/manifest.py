@@ -168,12 +168,11 @@ class Manifest(BaseModel):
 
     @field_validator("preprocessing", mode="before")
     @classmethod
-    def _every_preprocessing_field(cls, v: Any) -> Any:
-        # Missing fields would take this code's defaults, which need not be what the model was trained with.
+    def _exact_preprocessing(cls, v: Any) -> Any:
+        # Every field and nothing else (Preprocessing.from_dict raises naming them): a missing field would take this
+        # code's default, an unknown one is a step this code would skip. pydantic then checks the fields' types.
         if isinstance(v, dict):
-            missing = sorted(set(Preprocessing.__dataclass_fields__) - set(v))
-            if missing:
-                raise ValueError(f"preprocessing lacks field(s) {', '.join(missing)}")
+            Preprocessing.from_dict(v)
         return v
 
     def preprocessing_config(self) -> Preprocessing:

@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
-from pydantic import ConfigDict
 
 # Formats a scan can arrive in: 8-bit, 16-bit, float, palette, with or without alpha.
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
@@ -20,10 +19,6 @@ _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
 @dataclass(frozen=True)
 class Preprocessing:
     """Everything needed to reproduce the model's input. Serialised verbatim into the manifest."""
-
-    # The manifest validates this dataclass strictly: a field this code does not know is a preprocessing step it
-    # would silently skip, so a manifest carrying one is refused rather than served without it.
-    __pydantic_config__ = ConfigDict(extra="forbid")
 
     size: int = 256
     # Kermany scans carry pure-white padding at the sides/top; a row or column counts as margin when at least

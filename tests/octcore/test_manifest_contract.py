@@ -46,6 +46,13 @@ def test_missing_preprocessing_field_is_refused_by_name(tmp_path: Path) -> None:
         read_manifest(write(tmp_path, d))
 
 
+def test_a_preprocessing_field_of_the_wrong_type_is_refused_by_name(tmp_path: Path) -> None:
+    d = manifest_dict()
+    d["preprocessing"]["mean"] = "grey"
+    with pytest.raises(ModelStoreError, match=r"preprocessing\.mean"):
+        read_manifest(write(tmp_path, d))
+
+
 def test_unknown_manifest_field_is_refused_by_name(tmp_path: Path) -> None:
     d = manifest_dict()
     d["postprocessing"] = {"smooth": 3}
