@@ -1,6 +1,6 @@
 """bench_overhead.py's reference row: a bare Starlette endpoint that reads the whole upload and answers a small JSON,
-served by the same uvicorn. It reads the body raw: Starlette's form parser needs python-multipart, which the project
-does not install (the service parses multipart itself, service/multipart.py).
+served by the same uvicorn. It reads the body raw, without parsing the form: the framework's floor, the same yardstick
+as the acceptance check's.
 
 Run: python -m uvicorn bench.overhead_bare_app:app --port 8001
 """

@@ -1,14 +1,11 @@
-"""Multipart bodies (RFC 2046 framing): `multipart/related` (RFC 2387, STOW-RS) both ways, and the one file of a
-`multipart/form-data` upload (RFC 7578, `POST /score`).
+"""`multipart/related` bodies (RFC 2387), the framing of DICOMweb's STOW-RS requests and of what it sends a PACS.
 
-One framing parser serves both. STOW parts are whole DICOM files with their own `Content-Type` and no
-`Content-Disposition`, which form-data parsers do not expect; and a scoring upload is one file whose bytes are wanted
-whole, so a streaming form parser's per-chunk callbacks and spooled part files were a tenth of the service's own CPU
-per request (with a scorer that costs nothing; ~1 % of a real model's on the CPU). The body arrives size-limited
-(service.middleware.BodyLimit). The framing rules honoured:
-the boundary comes from the Content-Type (quoted or not), delimiters are `CRLF--boundary` (the first may open the
-body), transport padding after a delimiter is ignored, a preamble before the first and an epilogue after the
-closing `--boundary--` are discarded, and each part's headers end at the first empty line.
+Form uploads (`POST /score`) go through Starlette's form parser; STOW parts are whole DICOM files with their own
+`Content-Type` and no `Content-Disposition`, which form-data parsers do not take, so this module frames them. The
+body arrives size-limited (service.middleware.BodyLimit). The framing rules honoured (RFC 2046): the boundary comes
+from the Content-Type (quoted or not), delimiters are `CRLF--boundary` (the first may open the body), transport
+padding after a delimiter is ignored, a preamble before the first and an epilogue after the closing `--boundary--`
+are discarded, and each part's headers end at the first empty line.
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ from dataclasses import dataclass
 
 
 class MultipartError(ValueError):
-    """The body is not well-formed multipart (related or form-data); `str()` says where."""
+    """The body is not well-formed multipart/related; `str()` says where."""
 
 
 @dataclass(frozen=True)
@@ -87,36 +84,6 @@ def _part(body: bytes, start: int, end: int, number: int) -> Part:
             raise MultipartError(f"part {number} has a malformed header line")
         headers[name.strip().lower()] = value.strip()
     return Part(headers, memoryview(body)[head_end + 4:end])
-
-
-# The `name` parameter of a form-data part's Content-Disposition, quoted or not (not `filename=`).
-_FORM_NAME = re.compile(r'(?:^|;)\s*name\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]+))', re.IGNORECASE)
-
-
-def form_name(part: Part) -> str | None:
-    """The field name of a multipart/form-data part; None when it has no `Content-Disposition: form-data`."""
-    disposition = part.headers.get("content-disposition", "")
-    kind, _, params = disposition.partition(";")
-    if kind.strip().lower() != "form-data":
-        return None
-    m = _FORM_NAME.search(";" + params)
-    if m is None:
-        return None
-    return m.group(1).replace('\\"', '"') if m.group(1) is not None else m.group(2)
-
-
-def form_file(body: bytes, boundary: str, field: str = "file", max_parts: int = 16) -> memoryview | bytes:
-    """The content of the one part named `field` of a multipart/form-data body. Other parts are ignored (up to
-    `max_parts` in all); none or several named `field` is an error."""
-    parts = split_parts(body, boundary)
-    if len(parts) > max_parts:
-        raise MultipartError(f"{len(parts)} parts; at most {max_parts}")
-    found = [p for p in parts if form_name(p) == field]
-    if not found:
-        raise MultipartError(f"no part named {field!r} (Content-Disposition: form-data; name=\"{field}\")")
-    if len(found) > 1:
-        raise MultipartError(f"{len(found)} parts named {field!r}; send one B-scan per request")
-    return found[0].body
 
 
 def build_related(bodies: list[bytes], media_type: str = "application/dicom") -> tuple[bytes, str]:

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.deps import SECURITY_REQUIREMENTS, authorize, get_engine
 from service.dicom.decode import is_dicom
@@ -30,7 +31,6 @@ from service.errors import (
     problem_responses,
 )
 from service.imaging import DECODERS, Decoder, Limits, decoder_for_upload
-from service.multipart import MultipartError, content_type_params, form_file
 from service.schemas import ScoreQuery, ScoreResult
 from service.settings import Settings
 from service.upload import read_body
@@ -41,6 +41,7 @@ from service.upload import read_body
 # decoding, and 8 % of the service's CPU per request with a scorer that costs nothing. Other routes keep `Depends`.
 router = APIRouter(tags=["score"])
 
+_MAX_PARTS = 16  # form fields and files in one upload: the file and a few a client adds (names, notes)
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 
 
@@ -73,21 +74,37 @@ def score_query(request: Request) -> ScoreQuery:
 
 async def read_upload(request: Request, settings: Settings) -> tuple[bytes, Decoder]:
     """The upload's bytes and the decoder for them; the body size limit is enforced while it streams in."""
-    media, params = content_type_params(request.headers.get("content-type", ""))
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media == "multipart/form-data":
-        body = await read_body(request, settings)
-        try:
-            data = bytes(form_file(body, params.get("boundary", "")))
-        except MultipartError as e:
-            raise BadRequest(f"multipart body: {e}; send the scan as a part named 'file'") from e
-        if not data:
-            raise BadRequest("the 'file' part is empty")
+        data = await _form_file(request)
         return data, decoder_for_upload(data)
     decoder = DECODERS.get(media)
     if decoder is None and media != "application/dicom":  # DICOM is decoded by service.dicom in score()
         raise UnsupportedMediaType(f"Content-Type {media or '(none)'!r}; send multipart/form-data with a 'file' "
                                    f"part, or a raw body of type {', '.join(sorted(DECODERS))}")
     return await read_body(request, settings), decoder
+
+
+async def _form_file(request: Request) -> bytes:
+    """The one file part named `file` of a multipart/form-data body, through Starlette's form parser
+    (python-multipart): beyond 1 MiB the file spools to disk, and the form's files are closed on the way out."""
+    try:
+        async with request.form(max_files=_MAX_PARTS, max_fields=_MAX_PARTS) as form:
+            files = form.getlist("file")
+            if len(files) != 1:
+                raise BadRequest(f"{len(files)} parts named 'file'; send one B-scan per request" if files else
+                                 "no complete part named 'file' (Content-Disposition: form-data; name=\"file\"; "
+                                 "filename=...); was the body cut short?")
+            [upload] = files
+            if isinstance(upload, str):
+                raise BadRequest("the 'file' part has no filename, so it was read as text; send the scan as a file "
+                                 "(Content-Disposition: form-data; name=\"file\"; filename=\"scan.jpeg\")")
+            data = await upload.read()
+    except StarletteHTTPException as e:  # python-multipart's refusals (no boundary, too many parts) arrive as 400s
+        raise BadRequest(f"multipart body: {e.detail}") from e
+    if not data:
+        raise BadRequest("the 'file' part is empty")
+    return data
 
 
 @router.post(

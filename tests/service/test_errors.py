@@ -24,12 +24,43 @@ def problem(r: httpx.Response, status: int, slug: str) -> dict:
     return body
 
 
+def form(*parts: tuple[str, bytes]) -> bytes:
+    """A multipart/form-data body, boundary `B`, from (Content-Disposition parameters, content) pairs."""
+    return b"".join(b"--B\r\nContent-Disposition: form-data; " + d.encode() + b"\r\n\r\n" + c + b"\r\n"
+                    for d, c in parts) + b"--B--\r\n"
+
+
+def post_form(client: httpx.Client, body: bytes,
+              content_type: str = "multipart/form-data; boundary=B") -> httpx.Response:
+    return client.post("/score", content=body, headers={"Content-Type": content_type}, params={"heatmaps": "false"})
+
+
+def test_the_form_file_is_the_part_named_file(client: httpx.Client, scan_bytes: bytes) -> None:
+    """Other fields and files around it are ignored; the name may be quoted or not."""
+    body = form(('name="note"', b"x"), ('filename="name=file.jpeg"; name="file"', scan_bytes),
+                ('name="files"; filename="b"', b"y"))
+    assert post_form(client, body).status_code == 200
+    assert post_form(client, form(('name=file; filename=a.jpeg', scan_bytes))).status_code == 200
+
+
+@pytest.mark.parametrize("body,why", [
+    (form(('name="image"; filename="a.png"', b"x")), "no complete part named 'file'"),
+    (form(('name="file"; filename="a"', b"x"), ('name="file"; filename="b"', b"y")), "2 parts named 'file'"),
+    (form(('name="file"', b"x")), "no filename"),
+    (form(('name="file"; filename="a"', b"")), "is empty"),
+    (form(*[(f'name="f{i}"; filename="a"', b"x") for i in range(17)]), "Too many files"),
+    (b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\nabc", "cut short"),
+    (b"", "no complete part"),
+])
+def test_400_malformed_forms(client: httpx.Client, body: bytes, why: str) -> None:
+    assert why in problem(post_form(client, body), 400, "bad-request")["detail"]
+
+
 def test_400_malformed(client: httpx.Client, scan_bytes: bytes) -> None:
-    problem(client.post("/score", files={"image": ("a.jpeg", scan_bytes)}), 400, "bad-request")
     problem(client.post("/score", content=b"", headers={"Content-Type": "image/png"}), 400, "bad-request")
-    broken = b"--XYZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\nabc"
-    problem(client.post("/score", content=broken, headers={"Content-Type": "multipart/form-data; boundary=XYZ"}),
-            400, "bad-request")
+    body = problem(post_form(client, form(('name="file"; filename="a"', scan_bytes)), "multipart/form-data"),
+                   400, "bad-request")
+    assert "boundary" in body["detail"]
 
 
 def test_422_invalid_parameters(client: httpx.Client, scan_bytes: bytes) -> None:

@@ -1,10 +1,10 @@
-"""Multipart framing: multipart/related (what STOW-RS clients send) and the file of a form-data upload."""
+"""Multipart framing: multipart/related, what STOW-RS clients send and what the service sends a PACS."""
 
 from __future__ import annotations
 
 import pytest
 
-from service.multipart import MultipartError, build_related, content_type_params, form_file, split_parts
+from service.multipart import MultipartError, build_related, content_type_params, split_parts
 
 DICM = b"\0" * 128 + b"DICM" + b"payload\r\n--not-the-boundary\r\n" + bytes(range(256))
 
@@ -49,31 +49,6 @@ def test_overlong_boundary_as_orthanc_sends_it() -> None:
 def test_malformed(body: bytes, boundary: str, why: str) -> None:
     with pytest.raises(MultipartError, match=why):
         split_parts(body, boundary)
-
-
-def form(*parts: tuple[str, bytes]) -> bytes:
-    """A multipart/form-data body, boundary `B`, from (Content-Disposition parameters, content) pairs."""
-    return b"".join(b"--B\r\nContent-Disposition: form-data; " + d.encode() + b"\r\n\r\n" + c + b"\r\n"
-                    for d, c in parts) + b"--B--\r\n"
-
-
-def test_form_file_is_the_part_named_file() -> None:
-    body = form(('name="note"', b"x"), ('filename="name=file.png"; name="file"', DICM), ('name="files"', b"y"))
-    assert bytes(form_file(body, "B")) == DICM
-    assert bytes(form_file(form(("name=file", b"z")), "B")) == b"z"  # an unquoted name
-    assert bytes(form_file(form(('name="file"', b"")), "B")) == b""  # empty: the route says so
-
-
-@pytest.mark.parametrize("body,why", [
-    (form(('name="image"; filename="a.png"', b"x")), "no part named 'file'"),
-    (form(('filename="file"', b"x")), "no part named 'file'"),
-    (form(('name="file"', b"x"), ('name="file"', b"y")), "2 parts named 'file'"),
-    (form(*[(f'name="f{i}"', b"x") for i in range(17)]), "17 parts"),
-    (b"--B\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nabc", "not closed"),
-])
-def test_form_file_refuses(body: bytes, why: str) -> None:
-    with pytest.raises(MultipartError, match=why):
-        form_file(body, "B")
 
 
 @pytest.mark.parametrize(("header", "media", "params"), [
