@@ -32,7 +32,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,8 +90,12 @@ class Due:
 
 
 class Outbox:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, on_step: Callable[[str], None] | None = None) -> None:
+        """`on_step` is a crash point for tests of recovery: `put` calls it with "write" before each file it writes
+        and with "renamed" once the result's folder is in place, before the index row takes it. What it raises is a
+        crash at that step; what it blocks on is a writer caught halfway."""
         self.root = Path(root)
+        self._on_step = on_step or _no_step
         self.root.mkdir(parents=True, exist_ok=True)
         self._writers = self.root / WRITERS
         self._writers.mkdir(exist_ok=True)
@@ -150,7 +154,9 @@ class Outbox:
         try:
             tmp.mkdir()
             for name, data in files.items():
+                self._on_step("write")
                 _write_synced(tmp / name, data)
+            self._on_step("write")
             _write_synced(tmp / RECORD, json.dumps({**record.model_dump(mode="json"), "revision": revision}).encode())
             with self._exclusive():
                 if final.exists():
@@ -164,6 +170,7 @@ class Outbox:
                         old = None
                     raise
                 _sync_dir(self.root)
+                self._on_step("renamed")
                 if not self._settle(uid, revision, record):
                     raise RuntimeError(f"the index row of {uid} vanished while its result was stored")
         except BaseException:
@@ -472,6 +479,10 @@ class Outbox:
             (self._writers / self.writer).unlink()
         for fd in (self._writer_fd, self._write_fd, self._owner_fd):
             os.close(fd)
+
+
+def _no_step(step: str) -> None:
+    pass
 
 
 def _write_synced(path: Path, data: bytes) -> None:

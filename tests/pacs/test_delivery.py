@@ -8,6 +8,8 @@ import base64
 import http.server
 import io
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from live import ROOT
 from oct_dicom import oct_dataset, phantom_frames
 
 from service.dicom.delivery import DeliveryWorker, PacsTarget
@@ -173,6 +176,17 @@ def test_a_result_re_sent_during_its_delivery_is_not_marked_delivered(tmp_path: 
     assert outbox.get("1.2.3").delivery.status == "delivered"
 
 
+_DIES_AFTER_RENAME = """
+import os, sys
+from pathlib import Path
+sys.path[:0] = [sys.argv[2], sys.argv[3]]
+from service.dicom.outbox import Outbox
+from test_delivery import _record
+
+_record(Outbox(Path(sys.argv[1]), on_step=lambda step: step == "renamed" and os._exit(3)), "1.2.3")
+"""
+
+
 def test_a_crash_at_any_step_loses_no_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     outbox = Outbox(tmp_path)
     _record(outbox, "1.2.1")
@@ -185,11 +199,10 @@ def test_a_crash_at_any_step_loses_no_result(tmp_path: Path, monkeypatch: pytest
             _record(outbox, "1.2.1")
         with pytest.raises(OSError):
             _record(outbox, "1.2.2")  # a first result that never reached its folder
-    # 2. Crash after the rename, before the index row takes the new revision.
-    with monkeypatch.context() as m:
-        m.setattr(Outbox, "_settle", lambda *a: (_ for _ in ()).throw(OSError("crash")))
-        with pytest.raises(OSError):
-            _record(outbox, "1.2.3")
+    # 2. The process dies after the rename, before the index row takes the new revision.
+    died = subprocess.run([sys.executable, "-c", _DIES_AFTER_RENAME, str(tmp_path), str(ROOT),
+                           str(Path(__file__).parent)], cwd=ROOT)
+    assert died.returncode == 3
     # 3. Crash after a claim, before the attempt is recorded (no update at all).
     _record(outbox, "1.2.4")
     claimed = {d.uid for d in outbox.claim_due(time.time(), lease_s=5)}

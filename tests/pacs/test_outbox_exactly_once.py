@@ -29,7 +29,6 @@ import pytest
 from live import ROOT, Service, wait_for
 from oct_dicom import oct_dataset, phantom_frames, to_bytes
 
-from service.dicom import outbox as outbox_module
 from service.dicom.outbox import Outbox
 from service.dicom.schemas import Delivery, ResultInstance, ResultRecord, VolumeScoreResult
 from service.multipart import build_related, content_type_params, split_parts
@@ -53,26 +52,22 @@ def _listed(outbox: Outbox) -> set[str]:
     return {s.uid for s in outbox.summaries(100)}
 
 
-def test_opening_the_outbox_leaves_a_living_writers_half_written_result_alone(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_opening_the_outbox_leaves_a_living_writers_half_written_result_alone(tmp_path: Path) -> None:
     """A worker (re)starting beside one that is writing: the writer's result is stored, listed and due, whole."""
-    writer = Outbox(tmp_path)
     halfway, resume = threading.Event(), threading.Event()
-    write = outbox_module._write_synced
 
-    def slow_write(path: Path, data: bytes) -> None:
-        halfway.set()
-        assert resume.wait(10)
-        write(path, data)
+    def slow_write(step: str) -> None:
+        if step == "write" and not halfway.is_set():
+            halfway.set()
+            assert resume.wait(10)
 
-    monkeypatch.setattr(outbox_module, "_write_synced", slow_write)
+    writer = Outbox(tmp_path, on_step=slow_write)
     put = threading.Thread(target=writer.put, args=(_record("1.2.1"), {"sr.dcm": b"sr"}))
     put.start()
     assert halfway.wait(10)
     restarted = Outbox(tmp_path)  # what a sibling process does on start, while the put is half done
     resume.set()
     put.join()
-    monkeypatch.setattr(outbox_module, "_write_synced", write)
     assert _listed(restarted) == _listed(writer) == {"1.2.1"}
     assert restarted.get("1.2.1").delivery.status == "pending"
     assert [d.uid for d in restarted.claim_due(time.time(), lease_s=60)] == ["1.2.1"]
@@ -86,14 +81,18 @@ sys.path[:0] = [sys.argv[2], sys.argv[3]]
 from service.dicom import outbox
 from test_outbox_exactly_once import _record
 
-box = outbox.Outbox(Path(sys.argv[1]))
+stuck = False
+
+
+def step(name):  # the second result's first file: tell the test, then wait to be killed
+    if stuck and name == "write":
+        print("writing", flush=True)
+        time.sleep(60)
+
+
+box = outbox.Outbox(Path(sys.argv[1]), on_step=step)
 box.put(_record("1.2.1"), {"sr.dcm": b"sr"})
-
-def stuck(path, data):  # the second result's first file: tell the test, then wait to be killed
-    print("writing", flush=True)
-    time.sleep(60)
-
-outbox._write_synced = stuck
+stuck = True
 box.put(_record("1.2.2"), {"sr.dcm": b"sr"})
 """
 
