@@ -1,6 +1,7 @@
 """The service's own CPU cost per request, with a scorer that costs nothing; prints tables, asserts nothing.
 
     python bench/bench_overhead.py --model_dir model_store/oct-vqvae/1 [--workers 1,2] [--seconds 8]
+    python bench/bench_overhead.py --model_dir model_store/kermany-oct/1 --real    # the whole cost, real model
 
 The scorer is `bench/null_scorer.py` built from `--model_dir`'s manifest (the same maps and scores, at `--size`²),
 so what is measured is decoding, preprocessing, batching, heatmaps, HTTP and JSON. For JPEG, PNG and DICOM uploads
@@ -70,19 +71,22 @@ def multipart(data: bytes, filename: str, media: str) -> bytes:
     return head + data + f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
-def load(url: str, body: bytes, path: str, concurrency: int, seconds: float) -> tuple[int, int, float]:
-    """Keep-alive clients posting `body` for `seconds` → (ok, not ok, wall seconds)."""
+def load(url: str, body: bytes, path: str, concurrency: int, seconds: float) -> tuple[int, int, float, float]:
+    """Keep-alive clients posting `body` for `seconds` → (ok, not ok, wall seconds, p99 latency ms)."""
     u = urllib.parse.urlsplit(url)
     stop = time.monotonic() + seconds
     counts = [[0, 0] for _ in range(concurrency)]
+    latencies: list[list[float]] = [[] for _ in range(concurrency)]
     headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
 
     def worker(i: int) -> None:
         c = HTTPConnection(u.hostname, u.port, timeout=120)
         while time.monotonic() < stop:
+            sent = time.monotonic()
             c.request("POST", path, body=body, headers=headers)
             r = c.getresponse()
             r.read()
+            latencies[i].append(time.monotonic() - sent)
             counts[i][0 if r.status == 200 else 1] += 1
         c.close()
 
@@ -92,10 +96,12 @@ def load(url: str, body: bytes, path: str, concurrency: int, seconds: float) -> 
         t.start()
     for t in threads:
         t.join()
-    return sum(c[0] for c in counts), sum(c[1] for c in counts), time.monotonic() - t0
+    every = [x for per_client in latencies for x in per_client]
+    p99 = 1e3 * float(np.percentile(every, 99)) if every else float("nan")
+    return sum(c[0] for c in counts), sum(c[1] for c in counts), time.monotonic() - t0, p99
 
 
-def load_ab(url: str, body: bytes, path: str, concurrency: int, seconds: float) -> tuple[int, int, float]:
+def load_ab(url: str, body: bytes, path: str, concurrency: int, seconds: float) -> tuple[int, int, float, float]:
     """The same load from ApacheBench (`ab`, apt package apache2-utils): a C client that costs a fraction of the
     Python one's CPU, so on a small machine more of the cores are left to the service."""
     with tempfile.NamedTemporaryFile(suffix=".body") as f:
@@ -114,7 +120,8 @@ def load_ab(url: str, body: bytes, path: str, concurrency: int, seconds: float) 
     # ab counts an answer whose length differs from the first one's as "failed" (Length); ours differ by design.
     m = re.search(r"\(Connect: (\d+), Receive: (\d+), Length: \d+, Exceptions: (\d+)\)", out)
     bad = field("Non-2xx responses") + (sum(int(x) for x in m.groups()) if m else 0)
-    return field("Complete requests") - bad, bad, wall
+    p99 = re.search(r"^\s*99%\s+(\d+)", out, re.M)
+    return field("Complete requests") - bad, bad, wall, float(p99.group(1)) if p99 else float("nan")
 
 
 LOADERS = {"python": load, "ab": load_ab}
@@ -125,9 +132,9 @@ def measure(pid: int, url: str, body: bytes, path: str, concurrency: int, second
     run = LOADERS[loader]
     run(url, body, path, concurrency, min(2.0, seconds))  # warm: first batches, allocator, connection set-up
     c0 = tree_cpu_s(pid)
-    ok, bad, wall = run(url, body, path, concurrency, seconds)
+    ok, bad, wall, p99 = run(url, body, path, concurrency, seconds)
     cpu = tree_cpu_s(pid) - c0
-    return {"ms": 1e3 * cpu / max(ok, 1), "rps": ok / wall, "cores": cpu / wall, "bad": bad}
+    return {"ms": 1e3 * cpu / max(ok, 1), "rps": ok / wall, "cores": cpu / wall, "bad": bad, "p99": p99}
 
 
 def uploads(image: Path) -> dict[str, tuple[bytes, str, str]]:
@@ -163,8 +170,8 @@ def dicom_bytes(gray: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def service_env(store: Path, port: int, device: str, extra: dict[str, str]) -> dict[str, str]:
-    return {"OCT_MODEL_STORE": str(store), "OCT_MODEL_NAME": "null", "OCT_DEVICE": device, "OCT_HOST": "127.0.0.1",
+def service_env(store: Path, port: int, device: str, extra: dict[str, str], name: str = "null") -> dict[str, str]:
+    return {"OCT_MODEL_STORE": str(store), "OCT_MODEL_NAME": name, "OCT_DEVICE": device, "OCT_HOST": "127.0.0.1",
             "OCT_PORT": str(port), "OCT_MAX_QUEUE": "4096", "OCT_LOG_LEVEL": "WARNING", **extra}
 
 
@@ -173,6 +180,8 @@ def main() -> None:
     p.add_argument("--model_dir", type=Path, required=True, help="a real export <store>/<name>/<version> (template)")
     p.add_argument("--image", type=Path, default=None, help="the B-scan (default: a test Kermany CNV scan)")
     p.add_argument("--size", type=int, default=256, help="the null scorer's input and map size")
+    p.add_argument("--real", action="store_true",
+                   help="serve --model_dir itself instead of the null scorer: the whole cost of a real request")
     p.add_argument("--seconds", type=float, default=8.0, help="measured seconds per row")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--device", default="cpu")
@@ -192,10 +201,14 @@ def main() -> None:
         rest = set(os.sched_getaffinity(0)) - svc_cpus
         if rest:
             os.sched_setaffinity(0, rest)
-    store = build_null_store(args.model_dir, Path(tempfile.mkdtemp(prefix="bench-overhead-")), args.size)
-    store = store.parent.parent
+    if args.real:
+        store, name = args.model_dir.parent.parent, args.model_dir.parent.name
+    else:
+        store = build_null_store(args.model_dir, Path(tempfile.mkdtemp(prefix="bench-overhead-")), args.size)
+        store, name = store.parent.parent, "null"
     files = uploads(image)
-    print(f"null scorer from {args.model_dir} at {args.size}²  image {image.name}  device {args.device}  "
+    scorer = f"real scorer {args.model_dir}" if args.real else f"null scorer from {args.model_dir} at {args.size}²"
+    print(f"{scorer}  image {image.name}  device {args.device}  "
           f"cpus {os.cpu_count()}  load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}  "
           f"concurrency {args.concurrency}  {args.seconds:.0f} s per row  load generator {args.loadgen}  "
           f"extra env {extra or '-'}")
@@ -212,7 +225,7 @@ def main() -> None:
 
     rows = []
     port = free_port()
-    svc = start([sys.executable, "-m", "service"], service_env(store, port, args.device, extra), port, svc_cpus)
+    svc = start([sys.executable, "-m", "service"], service_env(store, port, args.device, extra, name), port, svc_cpus)
     try:
         for fmt in args.formats.split(","):
             body = multipart(*files[fmt])
@@ -224,13 +237,13 @@ def main() -> None:
         stop(svc)
 
     print("\nCPU-seconds of the whole process tree per answered request (multipart upload, 512×496 B-scan)")
-    print(f" {'upload':8s} {'heatmaps':8s} {'ms CPU/req':>10s} {'× bare':>7s} {'req/s':>7s} {'cores':>6s} "
-          f"{'non-200':>7s}")
-    print(f" {'bare':8s} {'-':8s} {base['ms']:10.2f} {1.0:7.1f} {base['rps']:7.0f} {base['cores']:6.2f} "
-          f"{base['bad']:7d}")
+    print(f" {'upload':8s} {'heatmaps':8s} {'ms CPU/req':>10s} {'× bare':>7s} {'req/s':>7s} {'p99 ms':>7s} "
+          f"{'cores':>6s} {'non-200':>7s}")
+    print(f" {'bare':8s} {'-':8s} {base['ms']:10.2f} {1.0:7.1f} {base['rps']:7.0f} {base['p99']:7.1f} "
+          f"{base['cores']:6.2f} {base['bad']:7d}")
     for fmt, heat, r in rows:
-        print(f" {fmt:8s} {heat:8s} {r['ms']:10.2f} {r['ms'] / base['ms']:7.1f} {r['rps']:7.0f} {r['cores']:6.2f} "
-              f"{r['bad']:7d}")
+        print(f" {fmt:8s} {heat:8s} {r['ms']:10.2f} {r['ms'] / base['ms']:7.1f} {r['rps']:7.0f} {r['p99']:7.1f} "
+              f"{r['cores']:6.2f} {r['bad']:7d}")
 
     if args.workers:
         body = multipart(*files["jpeg"])
@@ -240,7 +253,7 @@ def main() -> None:
         for w in (int(x) for x in args.workers.split(",")):
             port = free_port()
             svc = start([sys.executable, "-m", "service"],
-                        service_env(store, port, args.device, {"OCT_WORKERS": str(w), **extra}), port, svc_cpus)
+                        service_env(store, port, args.device, {"OCT_WORKERS": str(w), **extra}, name), port, svc_cpus)
             try:
                 conc = max(args.concurrency, 8 * w)
                 r = measure(svc.pid, f"http://127.0.0.1:{port}", body, "/score?heatmaps=false", conc, args.seconds,
