@@ -22,4 +22,7 @@ fi
 echo "test: ruff check"
 .venv/bin/ruff check .
 echo "test: pytest"
-exec .venv/bin/python -m pytest "$@"
+# Two processes (pytest-xdist), a test file to each in turn: most tests wait on servers, PACS answers and drains, not
+# on the CPU, so two share 2 cores well. The trained tiny models are built once for both (tests/conftest.py).
+# Arguments are passed on: `-n 0` runs in one process, a path runs one file.
+exec .venv/bin/python -m pytest -n 2 --dist loadfile "$@"

@@ -3,10 +3,12 @@ same command-line entry points a user runs, so every downstream test exercises r
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,32 +60,52 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     return proc.stdout + proc.stderr
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder `build` fills once per test run, shared by every pytest-xdist worker: the first to ask builds it
+    under a file lock, the others wait and reuse it (each worker training its own copy costs a core for a minute)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    target = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / ".built").exists():
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir()
+            build(target)
+            (target / ".built").touch()
+    return target
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
-    base = tmp_path_factory.mktemp("tiny")
-    data = base / "data"
-    run_cli("training.phantom", str(data), "--train-normal", "96", "--test-per-class", "12", "--seed", "7")
-    runs = base / "runs"
-    run_cli("training.train", "--data_root", str(data), "--output_dir", str(runs), *TINY_TRAIN_ARGS)
-    run_dir = next(p for p in sorted(runs.iterdir()) if p.is_dir())
+    def build(base: Path) -> None:
+        run_cli("training.phantom", str(base / "data"), "--train-normal", "96", "--test-per-class", "12", "--seed", "7")
+        run_cli("training.train", "--data_root", str(base / "data"), "--output_dir", str(base / "runs"),
+                *TINY_TRAIN_ARGS)
+        ckpt = next(next(p for p in sorted((base / "runs").iterdir()) if p.is_dir()).glob("best-*.ckpt"))
+        run_cli("training.export", "--model_dir", str(ckpt), "--model_store", str(base / "store"), "--name", "tiny",
+                "--version", "1")
+
+    base = built_once(tmp_path_factory, "tiny", build)
+    run_dir = next(p for p in sorted((base / "runs").iterdir()) if p.is_dir())
     ckpt = next(run_dir.glob("best-*.ckpt"))
-    store = base / "store"
-    run_cli("training.export", "--model_dir", str(ckpt), "--model_store", str(store), "--name", "tiny",
-            "--version", "1")
-    return TinyModel(data_root=data, run_dir=run_dir, ckpt=ckpt, store=store, name="tiny", version=1)
+    return TinyModel(data_root=base / "data", run_dir=run_dir, ckpt=ckpt, store=base / "store", name="tiny",
+                     version=1)
 
 
 @pytest.fixture(scope="session")
 def tiny_prior_model(tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     """`tiny_model`'s run, copied (the original stays prior-free), with a tiny latent prior trained by
     `training.train_prior` and exported with it into a store of its own."""
-    base = tmp_path_factory.mktemp("tiny-prior")
-    run_dir = base / "runs" / tiny_model.run_dir.name
-    shutil.copytree(tiny_model.run_dir, run_dir)
-    ckpt = run_dir / tiny_model.ckpt.name
-    run_cli("training.train_prior", "--model_dir", str(ckpt), *TINY_PRIOR_ARGS)
-    store = base / "store"
-    run_cli("training.export", "--model_dir", str(ckpt), "--model_store", str(store), "--name", "tiny",
-            "--version", "1")
-    return TinyModel(data_root=tiny_model.data_root, run_dir=run_dir, ckpt=ckpt, store=store, name="tiny", version=1)
+    def build(base: Path) -> None:
+        run_dir = base / "runs" / tiny_model.run_dir.name
+        shutil.copytree(tiny_model.run_dir, run_dir)
+        run_cli("training.train_prior", "--model_dir", str(run_dir / tiny_model.ckpt.name), *TINY_PRIOR_ARGS)
+        run_cli("training.export", "--model_dir", str(run_dir / tiny_model.ckpt.name), "--model_store",
+                str(base / "store"), "--name", "tiny", "--version", "1")
 
+    base = built_once(tmp_path_factory, "tiny-prior", build)
+    run_dir = base / "runs" / tiny_model.run_dir.name
+    return TinyModel(data_root=tiny_model.data_root, run_dir=run_dir, ckpt=run_dir / tiny_model.ckpt.name,
+                     store=base / "store", name="tiny", version=1)
