@@ -77,20 +77,23 @@ def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Calla
     return target
 
 
+def _best_checkpoint(runs: Path) -> Path:
+    """The best checkpoint of the one run training wrote under `runs`."""
+    return next(next(p for p in sorted(runs.iterdir()) if p.is_dir()).glob("best-*.ckpt"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     def build(base: Path) -> None:
         run_cli("training.phantom", str(base / "data"), "--train-normal", "96", "--test-per-class", "12", "--seed", "7")
         run_cli("training.train", "--data_root", str(base / "data"), "--output_dir", str(base / "runs"),
                 *TINY_TRAIN_ARGS)
-        ckpt = next(next(p for p in sorted((base / "runs").iterdir()) if p.is_dir()).glob("best-*.ckpt"))
-        run_cli("training.export", "--model_dir", str(ckpt), "--model_store", str(base / "store"), "--name", "tiny",
-                "--version", "1")
+        run_cli("training.export", "--model_dir", str(_best_checkpoint(base / "runs")), "--model_store",
+                str(base / "store"), "--name", "tiny", "--version", "1")
 
     base = built_once(tmp_path_factory, "tiny", build)
-    run_dir = next(p for p in sorted((base / "runs").iterdir()) if p.is_dir())
-    ckpt = next(run_dir.glob("best-*.ckpt"))
-    return TinyModel(data_root=base / "data", run_dir=run_dir, ckpt=ckpt, store=base / "store", name="tiny",
+    ckpt = _best_checkpoint(base / "runs")
+    return TinyModel(data_root=base / "data", run_dir=ckpt.parent, ckpt=ckpt, store=base / "store", name="tiny",
                      version=1)
 
 

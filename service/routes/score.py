@@ -31,6 +31,7 @@ from service.errors import (
     problem_responses,
 )
 from service.imaging import DECODERS, Decoder, Limits, decoder_for_upload
+from service.multipart import content_type_params
 from service.schemas import ScoreQuery, ScoreResult
 from service.settings import Settings
 from service.upload import read_body
@@ -74,7 +75,7 @@ def score_query(request: Request) -> ScoreQuery:
 
 async def read_upload(request: Request, settings: Settings) -> tuple[bytes, Decoder]:
     """The upload's bytes and the decoder for them; the body size limit is enforced while it streams in."""
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    media, _ = content_type_params(request.headers.get("content-type", ""))
     if media == "multipart/form-data":
         data = await _form_file(request)
         return data, decoder_for_upload(data)
