@@ -29,7 +29,7 @@ DISEASES = ("CNV", "DME", "DRUSEN")
 
 def run_demo(demo_dir: Path) -> float:
     env = os.environ | {"DEMO_DIR": str(demo_dir), "DEMO_SERVE": "0", "OCT_MODEL_STORE": str(demo_dir / "store"),
-                        "OCT_MODEL_NAME": "phantom"}
+                        "DEMO_NAME": "phantom"}
     start = time.perf_counter()
     subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], env=env, check=True)
     return time.perf_counter() - start

@@ -9,13 +9,18 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+# The default model: the shipped real-scan model in the repository's own store (beside this package), so that
+# `python -m service` with no settings serves it from any working directory. OCT_MODEL_* override both.
+SHIPPED_STORE = Path(__file__).resolve().parents[1] / "model_store"
+SHIPPED_MODEL = "kermany-oct"
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OCT_", extra="ignore", protected_namespaces=())
 
     # The model: <model_store>/<model_name>/<model_version>/{model.pt, manifest.json}.
-    model_store: Path = Path("model_store")
-    model_name: str = "oct-vqvae"
+    model_store: Path = SHIPPED_STORE
+    model_name: str = SHIPPED_MODEL
     model_version: int | None = Field(default=None, description="None (unset) serves the highest version")
     device: Literal["auto", "cuda", "cpu"] = "auto"
     # 0 keeps torch's default; on a shared CPU host a small number stops inference starving the event loop.

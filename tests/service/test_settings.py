@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from octcore.manifest import list_versions, resolve_version_dir
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,3 +110,18 @@ def test_public_url(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("OCT_PUBLIC_URL", bad)
         with pytest.raises(ValidationError):
             Settings()
+
+
+def test_the_default_model_is_the_newest_shipped_one_from_any_directory(monkeypatch: pytest.MonkeyPatch,
+                                                                      tmp_path: Path) -> None:
+    for var in ("OCT_MODEL_STORE", "OCT_MODEL_NAME", "OCT_MODEL_VERSION"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    s = Settings()
+    assert s.model_store == ROOT / "model_store" and s.model_name == "kermany-oct" and s.model_version is None
+    newest = list_versions(s.model_store, s.model_name)[-1]
+    assert resolve_version_dir(s.model_store, s.model_name) == ROOT / "model_store" / "kermany-oct" / str(newest)
+    monkeypatch.setenv("OCT_MODEL_STORE", "elsewhere")
+    monkeypatch.setenv("OCT_MODEL_NAME", "phantom")
+    s = Settings()
+    assert s.model_store == Path("elsewhere") and s.model_name == "phantom"
