@@ -1,19 +1,32 @@
 #!/usr/bin/env bash
 # Entrypoint of both images.
-#   oct-entrypoint train          phantom-or-real training, then export into $OCT_MODEL_STORE (the `train` image)
+#   oct-entrypoint train          phantom-or-real training, then export as $EXPORT_NAME into $OCT_MODEL_STORE (the
+#                                 `train` image)
 #   oct-entrypoint <command ...>  run it (the `serve` image's CMD is `python -m service`)
 set -euo pipefail
+# The service's default model (service/settings.py SHIPPED_MODEL), which the serve image carries.
+SHIPPED_MODEL=kermany-oct
 
 log() { echo "oct-entrypoint: $*" >&2; }
 
-has_model() {  # any <store>/<name>/<version>/manifest.json
-  [ -d "$1" ] && [ -n "$(find "$1" -mindepth 3 -maxdepth 3 -name manifest.json -print -quit 2>/dev/null)" ]
+has_model() {  # <store> <name> [<version>]: the store holds a version of the model (that version, when given)
+  local m v
+  for m in "$1/$2"/*/manifest.json; do
+    v=${m%/manifest.json}; v=${v##*/}
+    [ -f "$m" ] && [[ $v =~ ^[0-9]+$ ]] && { [ -z "${3:-}" ] || [ "$v" = "$3" ]; } && return 0
+  done
+  return 1
 }
 
 train() {
   local data_dir=${TRAIN_DATA_DIR:-/data} runs_dir=${TRAIN_RUNS_DIR:-/runs} device=${TRAIN_DEVICE:-cuda}
-  local name=${OCT_MODEL_NAME:?set OCT_MODEL_NAME: the model name the service will load}
+  local name=${EXPORT_NAME:?set EXPORT_NAME: the name of the exported model (serve it with OCT_MODEL_NAME=<name>)}
   local store=${OCT_MODEL_STORE:?set OCT_MODEL_STORE}
+  if [ "$name" = "$SHIPPED_MODEL" ]; then
+    # Its versions ship in the image; one trained here under the same name and number would be another model.
+    log "EXPORT_NAME=$name is the shipped model's name: give the model trained here its own (e.g. vqvae)"
+    exit 2
+  fi
   local data=$data_dir
   if [ -z "$(ls -A "$data_dir" 2>/dev/null)" ]; then
     # No dataset mounted: a synthetic one proves the whole pipeline end to end on any host.
@@ -52,12 +65,18 @@ if [ "${1:-}" = "train" ]; then
   exit 0
 fi
 
-# A baked-in model (build arg BAKED_MODEL_DIR) is served only while the mounted store holds none, so a volume
-# filled by the train profile or by hand always wins.
-if [ -n "${OCT_MODEL_STORE:-}" ] && [ -n "${BAKED_MODEL_STORE:-}" ] \
-   && ! has_model "$OCT_MODEL_STORE" && has_model "$BAKED_MODEL_STORE"; then
-  log "no model in $OCT_MODEL_STORE; serving the baked-in store $BAKED_MODEL_STORE"
-  export OCT_MODEL_STORE=$BAKED_MODEL_STORE
+# Which store the service reads: the mounted one (OCT_MODEL_STORE, the volume the train profile or Job exports into)
+# when it holds the model asked for (OCT_MODEL_NAME, and OCT_MODEL_VERSION when pinned), else the image's own
+# read-only store (IMAGE_MODEL_STORE: the shipped model, and anything baked in) when that does. So a trained model is
+# served by setting OCT_MODEL_NAME to its name, and the shipped one again by setting it back.
+name=${OCT_MODEL_NAME:-$SHIPPED_MODEL}
+version=${OCT_MODEL_VERSION:-}
+version=${version//[[:space:]]/}
+[ "${version,,}" != latest ] || version=""  # as the service reads it: empty or latest = the highest version
+if [ -n "${OCT_MODEL_STORE:-}" ] && [ -n "${IMAGE_MODEL_STORE:-}" ] \
+   && ! has_model "$OCT_MODEL_STORE" "$name" "$version" && has_model "$IMAGE_MODEL_STORE" "$name" "$version"; then
+  log "$OCT_MODEL_STORE holds no $name${version:+ version $version}; serving the image's $IMAGE_MODEL_STORE/$name"
+  export OCT_MODEL_STORE=$IMAGE_MODEL_STORE
 fi
 
 [ $# -gt 0 ] || set -- python -m service

@@ -166,7 +166,7 @@ def test_env_example_values_are_not_silently_overridden(compose) -> None:
 
 
 def test_effective_scorer_environment_is_valid_settings(compose, monkeypatch) -> None:
-    from service.settings import Settings
+    from service.settings import SHIPPED_MODEL, Settings
 
     svc = compose["services"][SCORER]
     env: dict[str, str] = {}
@@ -181,9 +181,21 @@ def test_effective_scorer_environment_is_valid_settings(compose, monkeypatch) ->
         monkeypatch.setenv(k, v)
     s = Settings()
     assert s.device == "cuda"
-    assert str(s.model_store) == "/models"
+    assert str(s.model_store) == "/models" and s.model_name == SHIPPED_MODEL
     assert s.model_version is None  # "latest"
     assert s.port == int(env["OCT_PORT"])
+
+
+def test_train_profile_exports_under_its_own_name(compose) -> None:
+    """The train profile reads the same env files as the scorer; it exports as EXPORT_NAME, never as the shipped
+    model the scorer serves by default (docker/entrypoint.sh refuses that name: tests/deploy/test_entrypoint.py)."""
+    from service.settings import SHIPPED_MODEL
+
+    values, _ = read_env_file(ROOT / "docker" / ".env.example")
+    assert values["OCT_MODEL_NAME"] == SHIPPED_MODEL and values["EXPORT_NAME"] not in ("", SHIPPED_MODEL)
+    paths = [p for p, _ in env_file_paths(compose["services"]["train"])]
+    assert paths == [p for p, _ in env_file_paths(compose["services"][SCORER])]
+    assert "EXPORT_NAME" not in env_dict(compose["services"]["train"]["environment"])
 
 
 def test_train_profile(compose) -> None:

@@ -253,3 +253,27 @@ def test_orthanc_image() -> None:
     assert stage.all("ENTRYPOINT")[-1].words() == ["Orthanc"]
     assert stage.all("CMD")[-1].words() == ["/etc/orthanc/orthanc.json"]
     assert not copies(odf), "the configuration is mounted, not baked in"
+
+
+def test_the_serving_image_carries_every_version_of_the_shipped_model(df) -> None:
+    """The scorer serves the shipped model on first start, with nothing in its volume: the serve stage copies the
+    whole model folder (every version present, card included) into the image's own store, root-owned (read-only for
+    the service's user), and tells the entrypoint where that store is."""
+    from octcore.manifest import list_versions
+    from service.settings import SHIPPED_MODEL
+
+    ignore = DockerIgnore((ROOT / ".dockerignore").read_text())
+    store = df.effective_env(SERVE)["IMAGE_MODEL_STORE"]
+    (ins,) = [c for c in copies(df) if c.stage == SERVE and c.sources == [f"model_store/{SHIPPED_MODEL}"]]
+    assert ins.dest.rstrip("/") == f"{store}/{SHIPPED_MODEL}"
+    line = DOCKERFILE.read_text().splitlines()[ins.line - 1]
+    assert "--chown" not in line and "--chmod" not in line, "the image's store must not be writable by the service"
+    versions = list_versions(ROOT / "model_store", SHIPPED_MODEL)
+    assert versions, "no shipped version to carry"
+    for v in versions:
+        for f in (ROOT / "model_store" / SHIPPED_MODEL / str(v)).iterdir():
+            rel = f.relative_to(ROOT).as_posix()
+            assert not ignore.excluded(rel), f".dockerignore keeps {rel} out of the image"
+    for other in ("model_store/phantom/1/model.pt", "model_store/vqvae/1/manifest.json", "model_store/README.md"):
+        assert ignore.excluded(other), f"{other} would be sent to the Docker daemon"
+    assert TRAIN not in {c.stage for c in copies(df) if SHIPPED_MODEL in " ".join(c.sources)}

@@ -1,9 +1,11 @@
 """The container scripts run for real on this host: the health probe against a live HTTP server, the entrypoint's
-baked-model fallback, and its `train` mode end to end (phantom → train → export into a model store)."""
+choice of model store (the mounted volume, else the image's own with the shipped model), and its `train` mode end
+to end (phantom → train → export into a model store)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -80,24 +82,55 @@ def _fake_version(store: Path, name: str = "m", version: int = 1) -> None:
     (d / "manifest.json").write_text("{}")
 
 
-def _served_store(tmp_path: Path, store: Path, baked: Path) -> str:
+def _served_store(tmp_path: Path, volume: Path, image: Path, **env: str) -> str:
     r = subprocess.run(["bash", str(ENTRYPOINT), "python", "-c", "import os; print(os.environ['OCT_MODEL_STORE'])"],
-                       env=_env(OCT_MODEL_STORE=str(store), BAKED_MODEL_STORE=str(baked)), capture_output=True,
-                       text=True, timeout=60, cwd=tmp_path)
+                       env=_env(OCT_MODEL_STORE=str(volume), IMAGE_MODEL_STORE=str(image), **env),
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     return r.stdout.strip()
 
 
-def test_entrypoint_serves_the_baked_model_only_when_the_store_is_empty(tmp_path) -> None:
-    store, baked = tmp_path / "store", tmp_path / "baked"
-    store.mkdir()
-    baked.mkdir()
-    (baked / "README.md").write_text("no model")
-    assert _served_store(tmp_path, store, baked) == str(store)  # nothing baked: keep the (empty) store
-    _fake_version(baked)
-    assert _served_store(tmp_path, store, baked) == str(baked)
-    _fake_version(store)
-    assert _served_store(tmp_path, store, baked) == str(store)  # a real store always wins
+def test_the_shipped_model_is_served_from_the_image_until_the_volume_holds_the_model_asked_for(tmp_path) -> None:
+    """What compose and Kubernetes start with: an empty volume, the image's store holding every version of the
+    shipped model. Setting OCT_MODEL_NAME to the trained model's name serves it from the volume; setting the shipped
+    name again goes back."""
+    from service.settings import SHIPPED_MODEL
+
+    volume, image = tmp_path / "models", tmp_path / "image"
+    volume.mkdir()
+    shutil.copytree(ROOT / "model_store" / SHIPPED_MODEL, image / SHIPPED_MODEL)  # what Dockerfile.gpu copies
+    (image / "README.md").write_text("docker/baked_model/README.md lands here too")
+
+    def served(**env: str) -> Path:
+        return Path(_served_store(tmp_path, volume, image, **env))
+
+    assert served() == image  # no OCT_MODEL_NAME: the service's default
+    assert served(OCT_MODEL_NAME=SHIPPED_MODEL, OCT_MODEL_VERSION=" Latest") == image
+    assert served(OCT_MODEL_NAME="vqvae") == volume  # in neither: the service then says what is missing where
+    _fake_version(volume, "vqvae", 1)  # the train profile or Job exported vqvae/1
+    assert served(OCT_MODEL_NAME="vqvae") == served(OCT_MODEL_NAME="vqvae", OCT_MODEL_VERSION="1") == volume
+    assert served(OCT_MODEL_NAME=SHIPPED_MODEL) == served(OCT_MODEL_NAME=SHIPPED_MODEL, OCT_MODEL_VERSION="1") == image
+    incoming = volume / SHIPPED_MODEL / ".incoming-1"  # a copy on its way in (docs/deploy.md) is no version
+    incoming.mkdir(parents=True)
+    (incoming / "manifest.json").write_text("{}")
+    assert served(OCT_MODEL_NAME=SHIPPED_MODEL) == image
+    _fake_version(volume, SHIPPED_MODEL, 7)  # a store filled by hand under that name wins, for the versions it holds
+    assert served(OCT_MODEL_NAME=SHIPPED_MODEL) == volume
+    assert served(OCT_MODEL_NAME=SHIPPED_MODEL, OCT_MODEL_VERSION="1") == image
+
+
+def test_entrypoint_names_the_services_default_model() -> None:
+    from service.settings import SHIPPED_MODEL
+
+    assert f"\nSHIPPED_MODEL={SHIPPED_MODEL}\n" in ENTRYPOINT.read_text()
+
+
+def test_train_refuses_the_shipped_models_name(tmp_path) -> None:
+    from service.settings import SHIPPED_MODEL
+
+    r = subprocess.run(["bash", str(ENTRYPOINT), "train"], env=_env(EXPORT_NAME=SHIPPED_MODEL,
+                       OCT_MODEL_STORE=str(tmp_path)), capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 2 and "EXPORT_NAME" in r.stderr and not list(tmp_path.iterdir())
 
 
 def test_entrypoint_execs_the_command(tmp_path) -> None:
@@ -107,7 +140,7 @@ def test_entrypoint_execs_the_command(tmp_path) -> None:
 
 
 def test_train_refuses_arguments(tmp_path) -> None:
-    r = subprocess.run(["bash", str(ENTRYPOINT), "train", "--epochs", "3"], env=_env(OCT_MODEL_NAME="m",
+    r = subprocess.run(["bash", str(ENTRYPOINT), "train", "--epochs", "3"], env=_env(EXPORT_NAME="m",
                        OCT_MODEL_STORE=str(tmp_path)), capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert r.returncode == 2 and "TRAIN_ARGS" in r.stderr
 
@@ -122,7 +155,7 @@ def test_train_mode_exports_a_new_version_from_phantom_data(tmp_path) -> None:
     older.mkdir(parents=True)
     (older / "best-epoch=00-val_loss=0.0000.ckpt").write_bytes(b"not a checkpoint")
     env = _env(
-        OCT_MODEL_NAME="tiny", OCT_MODEL_STORE=str(store), TRAIN_DATA_DIR=str(data), TRAIN_RUNS_DIR=str(runs),
+        EXPORT_NAME="tiny", OCT_MODEL_STORE=str(store), TRAIN_DATA_DIR=str(data), TRAIN_RUNS_DIR=str(runs),
         TRAIN_DEVICE="cpu", EXPORT_VERSION="3",
         PHANTOM_ARGS="--train-normal 48 --test-per-class 6 --seed 3 --workers 1",
         TRAIN_ARGS="--image_size 64 --epochs 1 --batch_size 8 --n_hiddens 16 --n_residual_hiddens 8 "

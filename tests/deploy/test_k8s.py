@@ -401,8 +401,14 @@ def test_training_job_commands_parse(resuming: bool, config_maps) -> None:
             assert (args.resume is not None) == resuming
         if modules[-1] == "training.export":
             assert args.model_store == mounts["model-store"]
-            assert args.name == config_maps["oct-scorer-config"]["OCT_MODEL_NAME"]
             assert args.version == int(env["EXPORT_VERSION"])
+            # The scorers serve the shipped model, which the image carries; the Job's model has a name of its own,
+            # and the pinned version is the one it exports, so serving it is setting OCT_MODEL_NAME to that name.
+            from service.settings import SHIPPED_MODEL
+
+            scorer_config = config_maps["oct-scorer-config"]
+            assert scorer_config["OCT_MODEL_NAME"] == SHIPPED_MODEL != args.name == env["EXPORT_NAME"]
+            assert int(scorer_config["OCT_MODEL_VERSION"]) == args.version
     assert modules == ["training.train", "training.train_prior", "training.export"]
     claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
               if "persistentVolumeClaim" in v}
