@@ -1,16 +1,30 @@
-"""Real-scan benchmark: patient-wise k-fold over every real NORMAL Kermany B-scan in one or more sample folders.
+"""Real-scan benchmark: choose on selection folds, report on a split used for no choice.
 
-    python bench/bench_real.py --samples samples/kermany --samples <folder with the scans samples/kermany-more lists>
+    python bench/bench_real.py --samples samples/kermany --samples <kermany-more> --samples <kermany-c8>
+    python bench/bench_real.py ... --ship model_store          # train on every selection scan, export, report
 
-The folders (each `<CLASS>/<CLASS>-<patient>-<n>.jpeg`) are pooled and deduplicated by content (the data set reuses
-file names across its splits: a clash of names with other content is kept under a suffixed name). The NORMAL
-patients are split k ways; per fold, `train/NORMAL` holds the other folds' NORMAL scans and `test/` the fold's
-held-out NORMAL scans and every abnormal scan (none is ever trained on), laid out as OCT2017. The fold's model is
-trained, exported and scored with the project's own entry points (`training.train`, `training.train_prior` unless
-`--prior_epochs 0`, `training.export`), and the exported scorer is loaded the way the service loads it. Prints, mean ±
-sd over folds, image AUROC (NORMAL vs rest and each disease vs NORMAL) for every score and for the served one, and
-the served decision's sensitivity and specificity at the manifest threshold; asserts nothing. `--work_dir` keeps the
-folds; run again with `--reuse`, it re-exports and re-scores the trained folds without training them again.
+Folders hold `<CLASS>/<CLASS>-<patient>-<n>.jpeg` (Kermany's names) or `NORMAL/normal_train_NNNN.jpg` (numbered
+copies of its NORMAL class); they are pooled and deduplicated by content (a name reused for other content is kept
+under a suffixed name). `bench/real_protocol.py` gives every scan a role by rule, before any experiment: `report`,
+`select` or `guard`. Abnormal scans are never trained on.
+
+Without --ship: k selection folds over the selection NORMAL scans (numbered copies by blocks of numbers, named
+copies by patient). Per fold, the recipe trains on the other folds (`training.train`, `training.train_prior`,
+`training.export`, each as a user runs it), and the exported scorer, loaded as the service loads it, scores the
+fold's NORMAL scans and every selection abnormal scan. Prints, per score, image AUROC (NORMAL vs rest, each disease
+vs NORMAL) mean ± sd over folds, and the served score's decision at several percentiles of its normal fit:
+specificity per B-scan width, sensitivity per disease. This is where recipes, epochs, scores and operating points
+are chosen.
+
+With --ship STORE: the recipe trains on every selection NORMAL scan and is exported into STORE/--name (the shipped
+model's reproduce command); then the report split is scored with it: AUROC per disease, and at the shipped threshold
+specificity per B-scan width and sensitivity per disease, each with a 95 % interval from a bootstrap over patients
+(numbered copies: blocks of `training.data.NUMBERED_BLOCK` numbers), and how much of the served heatmap's mass lies
+inside the retina on the abnormal scans. `--report_only STORE_VERSION_DIR` reports an existing model.
+
+A scan in which no retina is found (region `retina`) is refused by the service: it counts as flagged (a reader
+sees it) and ranks above every scored scan. Prints tables; asserts nothing. `--work_dir` keeps the folds; with
+`--reuse` trained folds are re-exported and re-scored without training again.
 """
 
 from __future__ import annotations
@@ -19,49 +33,73 @@ import argparse
 import hashlib
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from octcore.manifest import load_scorer  # noqa: E402
-from training.data import CLASSES, list_images  # noqa: E402
+from real_protocol import fold as fold_of  # noqa: E402
+from real_protocol import role  # noqa: E402
+
+from octcore.manifest import Manifest, load_scorer  # noqa: E402
+from octcore.preprocess import NoRetinaError, fill_border_padding, preprocess_gray  # noqa: E402
+from octcore.retina import find_retina  # noqa: E402
+from octcore.scanmap import unflatten  # noqa: E402
+from training.data import CLASSES, list_images, patient_of  # noqa: E402
 from training.evaluate import score_files, separation  # noqa: E402
 
 SAMPLES = ROOT / "samples" / "kermany"
 COMPARISONS = ("NORMAL vs rest", *(f"{c} vs NORMAL" for c in CLASSES[1:]))
 SERVED = "served"
-# The real-scan recipe: the demo's model and prior (scripts/demo.sh: 128², a prior of 8 layers × 32 channels) trained
-# longer, up to 100 epochs with early stopping (patience 10), prior 10 epochs. On the folds, 30 → 60 → 100 epochs gave
-# fused 0.877 → 0.922 → 0.933 NORMAL vs rest.
+# The real-scan recipe, chosen on the selection folds (README, model card): the demo's network at 128², input the
+# retina band (octcore/preprocess.py), up to 100 epochs with early stopping, a prior of 8 layers × 32 channels.
 TRAIN_ARGS = ("--n_hiddens 64 --n_residual_hiddens 32 --n_residual_layers 2 --embedding_dim 32 --n_embeddings 64 "
-              "--learning_rate 2e-3")
+              "--learning_rate 2e-3 --input_region retina")
 PRIOR_ARGS = "--n_layers 8 --n_channels 32 --learning_rate 2e-3"
-# The operating point, chosen on the folds: the highest percentile of the normal fit at which the folds' sensitivity
-# reached 0.85 (80: specificity 0.84, sensitivity 0.86); a volume keeps a lower false-alarm rate (90).
 EXPORT_ARGS = "--threshold_percentile 80 --volume_percentile 90"
+BOOTSTRAP = 2000
 
 
-def patient(path: Path) -> str:
-    return path.name.split("-")[1]
+@dataclass(frozen=True)
+class Scan:
+    name: str  # unique in the pool
+    path: Path
+    cls: str
+    width: int
+    height: int
+
+    @property
+    def normal(self) -> bool:
+        return self.cls == "NORMAL"
+
+    @property
+    def patient(self) -> str:
+        return patient_of(Path(self.name))
+
+    @property
+    def protocol(self) -> str:
+        return f"{self.width}x{self.height}"
 
 
-def pool_samples(folders: list[Path]) -> dict[str, list[tuple[str, Path]]]:
-    """{class: [(name, file)]} over every folder, each content once (md5). A name already taken by other content
-    gets a suffix before its extension, so the laid-out tree keeps both."""
+def pool_samples(folders: list[Path]) -> list[Scan]:
+    """Every scan of every folder, each content once (md5). A name already taken by other content gets a suffix
+    before its extension, so the laid-out tree keeps both."""
     seen: set[str] = set()
-    pooled: dict[str, list[tuple[str, Path]]] = {c: [] for c in CLASSES}
+    names: set[str] = set()
+    pooled: list[Scan] = []
     for folder in folders:
         for cls in CLASSES:
-            names = {n for n, _ in pooled[cls]}
             for f in list_images(folder.parent, folder.name, cls):
                 digest = hashlib.md5(f.read_bytes()).hexdigest()
                 if digest in seen:
@@ -71,27 +109,19 @@ def pool_samples(folders: list[Path]) -> dict[str, list[tuple[str, Path]]]:
                 while name in names:
                     name = f"{Path(name).stem}b{f.suffix}"
                 names.add(name)
-                pooled[cls].append((name, f))
+                with Image.open(f) as im:
+                    pooled.append(Scan(name, f, cls, im.width, im.height))
     return pooled
 
 
-def patient_folds(files: list[tuple[str, Path]], k: int, seed: int) -> list[list[tuple[str, Path]]]:
-    """Seeded split of the scans into k folds by patient: one patient's scans never straddle train and test."""
-    patients = sorted({patient(Path(n)) for n, _ in files})
-    random.Random(seed).shuffle(patients)
-    fold_of = {p: i % k for i, p in enumerate(patients)}
-    return [[f for f in files if fold_of[patient(Path(f[0]))] == i] for i in range(k)]
-
-
-def lay_out(root: Path, train_normal: list[tuple[str, Path]], test: dict[str, list[tuple[str, Path]]]) -> Path:
-    """An OCT2017 tree of symlinks to the samples (the scans are not copied)."""
+def lay_out(root: Path, train_normal: list[Scan], test: list[Scan]) -> Path:
+    """An OCT2017 tree of symlinks to the scans (nothing is copied)."""
     shutil.rmtree(root, ignore_errors=True)
-    for split, per_class in (("train", {"NORMAL": train_normal}), ("test", test)):
-        for cls, files in per_class.items():
-            d = root / "OCT2017" / split / cls
+    for split, scans in (("train", train_normal), ("test", test)):
+        for s in scans:
+            d = root / "OCT2017" / split / s.cls
             d.mkdir(parents=True, exist_ok=True)
-            for name, f in files:
-                (d / name).symlink_to(f.resolve())
+            (d / s.name).symlink_to(s.path.resolve())
     return root
 
 
@@ -101,13 +131,6 @@ def cli(*args: str, log: Path) -> None:
         proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise SystemExit(f"error: python -m {args[0]} failed (exit {proc.returncode}); see {log}")
-
-
-def decision(normal: np.ndarray, abnormal: dict[str, np.ndarray], threshold: float) -> dict[str, float]:
-    """Specificity on the held-out NORMAL scans and sensitivity on the abnormal ones (all, and per disease)."""
-    out = {"specificity": float(np.mean(normal <= threshold)),
-           "sensitivity": float(np.mean(np.concatenate(list(abnormal.values())) > threshold))}
-    return out | {f"sensitivity {c}": float(np.mean(v > threshold)) for c, v in abnormal.items()}
 
 
 def train_recipe(data: Path, work: Path, args: argparse.Namespace, log: Path, reuse: bool) -> Path:
@@ -135,9 +158,131 @@ def train_recipe(data: Path, work: Path, args: argparse.Namespace, log: Path, re
     return ckpt
 
 
-def run_fold(work: Path, train_normal: list[tuple[str, Path]], test: dict[str, list[tuple[str, Path]]],
-             args: argparse.Namespace) -> dict:
-    """Train → (prior) → export → score the held-out scans with the exported scorer."""
+@dataclass
+class Scored:
+    """Every test scan's scores (refused scans: +inf, so they rank above all and are flagged), by scan name."""
+
+    manifest: Manifest
+    scans: list[Scan]
+    scores: dict[str, np.ndarray]  # score name (and SERVED) → (len(scans),)
+    refused: np.ndarray  # (len(scans),) bool
+
+    def where(self, keep: np.ndarray) -> Scored:
+        return Scored(self.manifest, [s for s, k in zip(self.scans, keep, strict=True) if k],
+                      {k: v[keep] for k, v in self.scores.items()}, self.refused[keep])
+
+
+def score_scans(version_dir: Path, data: Path, test: list[Scan], batch_size: int) -> Scored:
+    """The exported scorer, loaded as the service loads it, on every test scan."""
+    manifest, scorer = load_scorer(version_dir, "cpu")
+    names, prep = list(manifest.scores), manifest.preprocessing_config()
+    files = [data / "OCT2017" / "test" / s.cls / s.name for s in test]
+    scored = score_files(scorer, files, prep, names, [], batch_size, desc="scoring")
+    row = {f: i for i, f in enumerate(scored.files)}
+    refused = np.array([f not in row for f in files])
+    scores = {}
+    for k in names:
+        v = np.full(len(files), np.inf)
+        v[~refused] = [scored.scores[k][row[f]] for f in files if f in row]
+        scores[k] = v
+    scores[SERVED] = scores[manifest.primary_score]
+    return Scored(manifest, list(test), scores, refused)
+
+
+def auroc(normal: np.ndarray, abnormal: np.ndarray) -> float:
+    big = np.finfo(np.float64).max  # refused scans: above every score, tied among themselves
+    return separation(np.minimum(normal, big), np.minimum(abnormal, big))["auroc"]
+
+
+def aurocs(s: Scored) -> dict[str, dict[str, float]]:
+    normal = np.array([x.normal for x in s.scans])
+    cls = np.array([x.cls for x in s.scans])
+    out: dict[str, dict[str, float]] = {"NORMAL vs rest": {k: auroc(v[normal], v[~normal])
+                                                           for k, v in s.scores.items()}}
+    for c in CLASSES[1:]:
+        out[f"{c} vs NORMAL"] = {k: auroc(v[normal], v[cls == c]) for k, v in s.scores.items()}
+    return out
+
+
+def decision(s: Scored, threshold: float) -> dict[str, float]:
+    """Specificity overall and per B-scan width (protocol), sensitivity overall and per disease, at `threshold`."""
+    flagged = s.scores[SERVED] > threshold  # refused scans (+inf) are flagged
+    normal = np.array([x.normal for x in s.scans])
+    out = {"specificity": float(np.mean(~flagged[normal])), "sensitivity": float(np.mean(flagged[~normal]))}
+    for c in CLASSES[1:]:
+        m = np.array([x.cls == c for x in s.scans])
+        out[f"sensitivity {c}"] = float(np.mean(flagged[m])) if m.any() else float("nan")
+    for p in sorted({x.protocol for x in s.scans if x.normal}):
+        m = np.array([x.normal and x.protocol == p for x in s.scans])
+        out[f"specificity {p}"] = float(np.mean(~flagged[m]))
+        out[f"n {p}"] = int(m.sum())
+    return out
+
+
+def bootstrap(s: Scored, threshold: float, reps: int, seed: int) -> dict[str, tuple[float, float]]:
+    """95 % percentile intervals of every AUROC and decision number, resampling patients (numbered copies: blocks)
+    with replacement within each class: a patient's B-scans are not independent."""
+    rng = np.random.default_rng(seed)
+    by_patient: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i, x in enumerate(s.scans):
+        by_patient[(x.cls, x.patient)].append(i)
+    groups: dict[str, list[list[int]]] = defaultdict(list)
+    for (c, _), idx in by_patient.items():
+        groups[c].append(idx)
+    draws: dict[str, list[float]] = defaultdict(list)
+    for _ in range(reps):
+        pick = np.concatenate([np.concatenate([g[j] for j in rng.integers(0, len(g), len(g))])
+                               for g in groups.values()])
+        b = Scored(s.manifest, [s.scans[i] for i in pick], {k: v[pick] for k, v in s.scores.items()},
+                   s.refused[pick])
+        for comp, per in aurocs(b).items():
+            draws[f"{comp} {SERVED}"].append(per[SERVED])
+        for k, v in decision(b, threshold).items():
+            draws[k].append(v)
+    return {k: (float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))) if np.isfinite(v).any()
+            else (float("nan"), float("nan")) for k, v in draws.items()}
+
+
+def retina_mass(version_dir: Path, scans: list[Scan]) -> tuple[float, float, int]:
+    """On these (abnormal) scans: the mean share of the overlay map's mass that lies inside the retina (from the
+    ILM to 16 rows under the line under the RPE, `octcore.retina`), and the share of scans whose map peaks there.
+    The map is laid on the scan as the service lays its heatmap (`octcore.scanmap`)."""
+    manifest, scorer = load_scorer(version_dir, "cpu")
+    prep, overlay = manifest.preprocessing_config(), manifest.overlay()
+    map_name = manifest.scores[overlay].map if overlay else None
+    if map_name is None:
+        return float("nan"), float("nan"), 0
+    shares, peaks = [], []
+    for s in scans:
+        with Image.open(s.path) as im:
+            gray = np.asarray(im.convert("L"))
+        try:
+            x, geo = preprocess_gray(gray, prep)
+            x0, y0, x1, y1 = geo.box
+            retina = geo.retina or find_retina(fill_border_padding(gray[y0:y1, x0:x1] / 255.0, prep))
+        except NoRetinaError:
+            continue
+        with torch.no_grad():
+            m = scorer(torch.from_numpy(x)[None, None])[map_name][0, 0].float()
+        h, w = y1 - y0, x1 - x0
+        if geo.band_top is not None:
+            band = unflatten(m[None], torch.from_numpy(geo.band_top)[None], geo.band_rows,
+                             round(h * prep.size / geo.band_rows))[0].numpy()
+        else:
+            band = m.numpy()
+        on_box = np.asarray(Image.fromarray(band.astype(np.float32)).resize((w, h), Image.Resampling.BILINEAR))
+        on_box = np.clip(on_box, 0, None)
+        rows = np.arange(h)[:, None]
+        inside = (rows >= retina.ilm[None]) & (rows <= retina.reference[None] + 16)
+        total = float(on_box.sum())
+        if total > 0:
+            shares.append(float(on_box[inside].sum()) / total)
+            peaks.append(bool(inside.flat[int(on_box.argmax())]))
+    return float(np.mean(shares)), float(np.mean(peaks)), len(shares)
+
+
+def run_fold(work: Path, train_normal: list[Scan], test: list[Scan], args: argparse.Namespace) -> dict:
+    """Train → (prior) → export → score the fold's test scans with the exported scorer."""
     data = lay_out(work / "data", train_normal, test)
     log = work / "log.txt"
     ckpt = train_recipe(data, work, args, log, args.reuse)
@@ -146,133 +291,172 @@ def run_fold(work: Path, train_normal: list[tuple[str, Path]], test: dict[str, l
     shutil.rmtree(work / "store", ignore_errors=True)
     cli("training.export", "--model_dir", str(ckpt), "--model_store", str(work / "store"), "--name", "real",
         "--version", "1", "--num_workers", "0", *args.export_args.split(), log=log)
-    manifest, scorer = load_scorer(work / "store" / "real" / "1", "cpu")
-    names, prep = list(manifest.scores), manifest.preprocessing_config()
-    scores = {c: score_files(scorer, [data / "OCT2017" / "test" / c / n for n, _ in fs], prep, names, [],
-                             args.batch_size, desc=c).scores for c, fs in test.items()}
-    primary = manifest.primary_score
-    for c in scores:
-        scores[c][SERVED] = scores[c][primary]
-    names.append(SERVED)
-    rest = {k: np.concatenate([scores[c][k] for c in CLASSES[1:]]) for k in names}
-    result: dict = {"NORMAL vs rest": {k: separation(scores["NORMAL"][k], rest[k])["auroc"] for k in names}}
-    for c in CLASSES[1:]:
-        result[f"{c} vs NORMAL"] = {k: separation(scores["NORMAL"][k], scores[c][k])["auroc"] for k in names}
-    result["primary_score"] = primary
-    cal = manifest.calibration[primary]
-    abnormal = {c: scores[c][SERVED] for c in CLASSES[1:]}
-    result["decision"] = decision(scores["NORMAL"][SERVED], abnormal, cal.threshold)
-    # The same fit at other percentiles: the operating points an export's --threshold_percentile would give.
-    if cal.tail is not None:
-        result["operating_points"] = {f"{q:g}": decision(scores["NORMAL"][SERVED], abnormal, cal.tail.quantile(q / 100))
-                                      for q in args.percentiles}
-    result["choice"] = manifest.evaluation.get("held_out", {})
+    s = score_scans(work / "store" / "real" / "1", data, test, args.batch_size)
+    cal = s.manifest.calibration[s.manifest.primary_score]
+    result = {"auroc": aurocs(s), "primary_score": s.manifest.primary_score, "refused": int(s.refused.sum()),
+              "decision": decision(s, cal.threshold)}
+    if cal.tail is not None:  # the same fit at other percentiles: what export's --threshold_percentile would give
+        result["operating_points"] = {f"{q:g}": decision(s, cal.tail.quantile(q / 100)) for q in args.percentiles}
     return result
 
 
-def ship(files: dict[str, list[tuple[str, Path]]], args: argparse.Namespace) -> int:
-    """The shipped model: the fold recipe trained on every NORMAL scan, exported into `args.ship`."""
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    v = [x for x in values if np.isfinite(x)]
+    return (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0) if v else (float("nan"), 0.0)
+
+
+def select(pool: list[Scan], args: argparse.Namespace) -> dict:
+    """The selection folds: train on k - 1, score the k-th and the selection abnormal scans."""
+    normal = [s for s in pool if s.normal and role(s.name, True) == "select"]
+    abnormal = [s for s in pool if not s.normal and role(s.name, False) == "select"]
+    folds = [[s for s in normal if fold_of(s.name, args.folds) == i] for i in range(args.folds)]
+    only = args.fold or list(range(1, args.folds + 1))
+    print(f"selection: {len(normal)} NORMAL in {args.folds} folds {[len(f) for f in folds]} | {len(abnormal)} "
+          f"abnormal ({', '.join(f'{c} {sum(s.cls == c for s in abnormal)}' for c in CLASSES[1:])})", flush=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-real-") as tmp:
+        work = Path(args.work_dir) if args.work_dir else Path(tmp)
+        for i in only:
+            train_normal = [s for j, f in enumerate(folds) if j != i - 1 for s in f]
+            print(f"fold {i}/{args.folds}: train {len(train_normal)} NORMAL | test {len(folds[i - 1])} NORMAL, "
+                  f"{len(abnormal)} abnormal", flush=True)
+            r = run_fold(work / f"fold{i}", train_normal, folds[i - 1] + abnormal, args)
+            if r:
+                results.append(r)
+                print("  " + " | ".join(f"{k} {v:.3f}" for k, v in r["auroc"]["NORMAL vs rest"].items())
+                      + f" (served: {r['primary_score']}; {r['refused']} refused)", flush=True)
+    return {"folds": results}
+
+
+def print_selection(results: list[dict]) -> None:
+    names = list(results[0]["auroc"]["NORMAL vs rest"])
+    print(f"\nselection: image AUROC, mean ± sd over {len(results)} fold(s)")
+    print(f"{'score':<20}" + "".join(f"{c:>20}" for c in COMPARISONS))
+    for k in names:
+        label = f"{SERVED} ({results[0]['primary_score']})" if k == SERVED else k
+        print(f"{label:<20}" + "".join("{:>13.3f} ± {:.3f}".format(*mean_sd([r["auroc"][c][k] for r in results]))
+                                       for c in COMPARISONS))
+    ops = {"manifest": [r["decision"] for r in results]}
+    for q in results[0].get("operating_points", {}):
+        ops[q] = [r["operating_points"][q] for r in results]
+    keys = [k for k in results[0]["decision"] if not k.startswith("n ")]
+    print("\nselection: the served score's decision, mean over folds (columns: percentile of the normal fit)")
+    print(f"{'':<26}" + "".join(f"{q:>10}" for q in ops))
+    for k in keys:
+        print(f"{k:<26}" + "".join(f"{np.nanmean([d[k] for d in v]):>10.3f}" for v in ops.values()))
+
+
+def report(version_dir: Path, pool: list[Scan], work: Path, args: argparse.Namespace) -> dict:
+    """The report split, scored by the model in `version_dir`, with bootstrap intervals."""
+    test = [s for s in pool if role(s.name, s.normal) == "report"]
+    data = lay_out(work / "report-data", [], test)
+    s = score_scans(version_dir, data, test, args.batch_size)
+    cal = s.manifest.calibration[s.manifest.primary_score]
+    point = {"auroc": aurocs(s), "decision": decision(s, cal.threshold)}
+    ci = bootstrap(s, cal.threshold, args.bootstrap, args.seed)
+    share, peak, n_mass = retina_mass(version_dir, [x for x in test if not x.normal])
+    out = {"model": f"{s.manifest.name}/{s.manifest.version}", "primary_score": s.manifest.primary_score,
+           "threshold": cal.threshold, "threshold_percentile": cal.threshold_percentile,
+           "n": {c: sum(x.cls == c for x in test) for c in CLASSES}, "refused": int(s.refused.sum()),
+           "patients": {c: len({x.patient for x in test if x.cls == c}) for c in CLASSES},
+           "point": point, "ci": ci, "map_mass_in_retina": share, "map_peak_in_retina": peak,
+           "map_scans": n_mass}
+    print(f"\nreport split ({out['model']}, served {out['primary_score']}; used for no choice): "
+          + ", ".join(f"{c} {out['n'][c]} scans / {out['patients'][c]} patients" for c in CLASSES)
+          + f"; {out['refused']} refused (no retina)")
+    print(f"{'image AUROC (served)':<28}{'point':>8}   95 % interval (bootstrap over patients)")
+    for comp in COMPARISONS:
+        lo, hi = ci[f"{comp} {SERVED}"]
+        print(f"{comp:<28}{point['auroc'][comp][SERVED]:>8.3f}   {lo:.3f}–{hi:.3f}")
+    print(f"\nat the shipped threshold {cal.threshold:.4g} (percentile {cal.threshold_percentile:g} of the normal fit)")
+    for k, v in point["decision"].items():
+        if k.startswith("n "):
+            continue
+        n = point["decision"].get(f"n {k.split()[-1]}", "")
+        lo, hi = ci[k]
+        print(f"{k:<28}{v:>8.3f}   {lo:.3f}–{hi:.3f}" + (f"   ({n} scans)" if n != "" else ""))
+    print(f"\nserved heatmap on {n_mass} abnormal scans: {share:.1%} of its mass inside the retina (ILM to 16 rows "
+          f"under the RPE's reference line); its peak inside on {peak:.0%}")
+    return out
+
+
+def ship(pool: list[Scan], args: argparse.Namespace) -> dict:
+    """The shipped model: the recipe trained on every selection NORMAL scan, exported into `args.ship`, reported."""
+    normal = [s for s in pool if s.normal and role(s.name, True) == "select"]
     with tempfile.TemporaryDirectory(prefix="bench-real-ship-") as tmp:
         work = Path(args.work_dir or tmp) / "ship"
-        data = lay_out(work / "data", files["NORMAL"], {})
+        data = lay_out(work / "data", normal, [])
         log = work / "log.txt"
-        ckpt = train_recipe(data, work, args, log, reuse=False)
+        ckpt = train_recipe(data, work, args, log, reuse=args.reuse)
+        before = set(Path(args.ship, args.name).glob("*"))
         cli("training.export", "--model_dir", str(ckpt), "--model_store", args.ship, "--name", args.name,
-            "--num_workers", "0", *args.export_args.split(), log=log)
-    print(f"exported {args.name} into {args.ship}")
-    return 0
-
-
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            "--num_workers", "0", "--data_root", str(data), *args.export_args.split(), log=log)
+        version_dir = sorted(set(Path(args.ship, args.name).glob("*")) - before)[-1]
+        print(f"exported {version_dir} (trained on {len(normal)} selection NORMAL scans)")
+        return report(version_dir, pool, work, args)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", action="append", default=None,
-                   help=f"folder holding <CLASS>/<CLASS>-<patient>-<n>.jpeg; repeat to pool (default: {SAMPLES})")
+                   help=f"folder holding <CLASS>/<scans>; repeat to pool (default: {SAMPLES})")
     p.add_argument("--folds", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0, help="fold assignment and training seed")
+    p.add_argument("--fold", type=int, action="append", default=None, help="run only this fold (1-based; repeat)")
+    p.add_argument("--seed", type=int, default=0, help="training and bootstrap seed")
     p.add_argument("--image_size", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=100, help="VQ-VAE epochs per fold (early stopping may end sooner)")
+    p.add_argument("--epochs", type=int, default=100, help="VQ-VAE epochs (early stopping may end sooner)")
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--prior_epochs", type=int, default=10, help="latent prior epochs per fold (0 = no prior)")
+    p.add_argument("--prior_epochs", type=int, default=10, help="latent prior epochs (0 = no prior)")
     p.add_argument("--prior_batch_size", type=int, default=8)
     p.add_argument("--train_args", default=TRAIN_ARGS, help="further training.train arguments")
     p.add_argument("--prior_args", default=PRIOR_ARGS, help="further training.train_prior arguments")
     p.add_argument("--export_args", default=EXPORT_ARGS, help="further training.export arguments")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu", "cuda"])
-    p.add_argument("--work_dir", default=None, help="keep the folds' data, runs and stores here (default: a temp dir)")
+    p.add_argument("--work_dir", default=None, help="keep data, runs and stores here (default: a temp dir)")
     p.add_argument("--reuse", action="store_true",
-                   help="with --work_dir: keep trained folds (a shorter run is continued to --epochs), re-export and "
+                   help="with --work_dir: keep trained runs (a shorter one is continued to --epochs), re-export and "
                    "re-score")
     p.add_argument("--ship", default=None, metavar="STORE",
-                   help="instead of folds: train the recipe on every NORMAL scan and export it into STORE/--name")
+                   help="train the recipe on every selection NORMAL scan, export it into STORE/--name, report it")
+    p.add_argument("--report_only", default=None, metavar="VERSION_DIR", help="report an exported model")
     p.add_argument("--name", default="kermany-oct", help="model name for --ship")
     p.add_argument("--train_only", action="store_true", help="with --work_dir: train the folds, export nothing")
     p.add_argument("--percentiles", type=lambda v: [float(x) for x in v.split(",")], default=[80, 85, 90, 95],
-                   help="also report the decision at these percentiles of the served score's normal fit")
+                   help="selection: also the decision at these percentiles of the served score's normal fit")
+    p.add_argument("--bootstrap", type=int, default=BOOTSTRAP, help="bootstrap draws for the report's intervals")
     p.add_argument("--output", default=None, help="also write the results as JSON here")
     args = p.parse_args()
     folders = [Path(s) for s in (args.samples or [str(SAMPLES)])]
     for f in folders:
         if not f.is_dir():
             raise SystemExit(f"error: --samples {f} is not a folder")
-    files = pool_samples(folders)
-    if any(not fs for fs in files.values()):
-        raise SystemExit(f"error: the samples need scans of every class ({', '.join(CLASSES)}); found "
-                         + ", ".join(f"{c} {len(fs)}" for c, fs in files.items()))
-    if not 2 <= args.folds <= len({patient(Path(n)) for n, _ in files["NORMAL"]}):
-        raise SystemExit("error: --folds must be at least 2 and at most the number of NORMAL patients")
-
-    if args.ship:
-        return ship(files, args)
-    folds = patient_folds(files["NORMAL"], args.folds, args.seed)
-    print(", ".join(map(str, folders)) + ": " + ", ".join(f"{c} {len(fs)}" for c, fs in files.items())
-          + f" (distinct scans) | {args.folds} patient-wise folds of NORMAL: {[len(f) for f in folds]}", flush=True)
+    pool = pool_samples(folders)
+    counts = {c: sum(s.cls == c for s in pool) for c in CLASSES}
+    if any(n == 0 for n in counts.values()):
+        raise SystemExit("error: the samples need scans of every class; found "
+                         + ", ".join(f"{c} {n}" for c, n in counts.items()))
+    roles = defaultdict(int)
+    for s in pool:
+        roles[role(s.name, s.normal)] += 1
+    print(", ".join(map(str, folders)) + ": " + ", ".join(f"{c} {n}" for c, n in counts.items())
+          + " distinct scans | roles: " + ", ".join(f"{k} {v}" for k, v in sorted(roles.items())), flush=True)
+    if not args.folds >= 2:
+        raise SystemExit("error: --folds must be at least 2")
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench-real-") as tmp:
-        work = Path(args.work_dir) if args.work_dir else Path(tmp)
-        results = []
-        for i, held_out in enumerate(folds):
-            train_normal = [f for j, fold in enumerate(folds) if j != i for f in fold]
-            test = {"NORMAL": held_out, **{c: files[c] for c in CLASSES[1:]}}
-            print(f"fold {i + 1}/{args.folds}: train {len(train_normal)} NORMAL | test {len(held_out)} NORMAL, "
-                  f"{sum(len(files[c]) for c in CLASSES[1:])} abnormal", flush=True)
-            r = run_fold(work / f"fold{i + 1}", train_normal, test, args)
-            if args.train_only:
-                continue
-            results.append(r)
-            print("  " + " | ".join(f"{k} {v:.3f}" for k, v in r["NORMAL vs rest"].items())
-                  + f" (served: {r['primary_score']}; sensitivity {r['decision']['sensitivity']:.2f}, "
-                  f"specificity {r['decision']['specificity']:.2f})", flush=True)
+    if args.report_only:
+        with tempfile.TemporaryDirectory(prefix="bench-real-report-") as tmp:
+            out = report(Path(args.report_only), pool, Path(args.work_dir or tmp), args)
+    elif args.ship:
+        out = ship(pool, args)
+    else:
+        out = select(pool, args)
+        if out["folds"]:
+            print_selection(out["folds"])
     minutes = (time.perf_counter() - t0) / 60
-    if args.train_only:
-        print(f"trained {args.folds} folds in {minutes:.1f} min; score them with --reuse")
-        return 0
-
-    names = list(results[0]["NORMAL vs rest"])
-    summary = {comp: {k: mean_sd([r[comp][k] for r in results]) for k in names} for comp in COMPARISONS}
-    decisions = {k: mean_sd([r["decision"][k] for r in results]) for k in results[0]["decision"]}
-    print(f"\nimage AUROC, mean ± sd over {args.folds} patient-wise folds ({minutes:.1f} min, {os.cpu_count()} CPUs)")
-    print(f"{'score':<18}" + "".join(f"{c:>18}" for c in COMPARISONS))
-    for k in names:
-        label = f"{k} ({', '.join(sorted({r['primary_score'] for r in results}))})" if k == SERVED else k
-        print(f"{label:<18}" + "".join(f"{summary[c][k][0]:>11.3f} ± {summary[c][k][1]:.3f}" for c in COMPARISONS))
-    print("\nserved decision at the manifest threshold, mean ± sd over folds")
-    for k, (m, s) in decisions.items():
-        print(f"  {k:<22} {m:.3f} ± {s:.3f}")
-    if all("operating_points" in r for r in results):
-        print("\nthe same fit at other percentiles (export --threshold_percentile), mean over folds")
-        print(f"  {'percentile':<12}{'specificity':>12}{'sensitivity':>12}" + "".join(f"{c:>10}" for c in CLASSES[1:]))
-        for q in results[0]["operating_points"]:
-            op = {k: np.mean([r["operating_points"][q][k] for r in results]) for k in results[0]["decision"]}
-            print(f"  {q:<12}{op['specificity']:>12.3f}{op['sensitivity']:>12.3f}"
-                  + "".join(f"{op[f'sensitivity {c}']:>10.3f}" for c in CLASSES[1:]))
-    print("served score per fold: " + ", ".join(str(r["primary_score"]) for r in results))
+    print(f"\n{minutes:.1f} min on {os.cpu_count()} CPUs")
     if args.output:
-        Path(args.output).write_text(json.dumps({"args": vars(args), "folds": results, "summary": summary,
-                                                 "decision": decisions, "minutes": minutes}, indent=2))
+        Path(args.output).write_text(json.dumps({"args": vars(args), "minutes": minutes, **out}, indent=2,
+                                                default=str))
     return 0
 
 

@@ -273,8 +273,8 @@ class Engine:
 
     def _prepare(self, gray: np.ndarray, preview: bool) -> tuple[np.ndarray, Box, str | None]:
         """Model input, crop box and (when asked) the preview PNG of one decoded image."""
-        x, box = preprocess_gray(gray, self.cfg)
-        return x, box, encode_preview(gray) if preview else None
+        x, geometry = preprocess_gray(gray, self.cfg)
+        return x, geometry.box, encode_preview(gray) if preview else None
 
     def _decode_and_prepare(self, data: bytes, decoder: Decoder, limits: Limits,
                             preview: bool) -> tuple[np.ndarray, Box, str | None]:

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
-from octcore.preprocess import Preprocessing, preprocess
+from octcore.preprocess import NoRetinaError, Preprocessing, preprocess
 from training import distributed as dist
 
 CLASSES = ("NORMAL", "CNV", "DME", "DRUSEN")
@@ -59,17 +60,47 @@ def list_images(oct_root: Path, split: str, cls: str) -> list[Path]:
 
 
 def split_train_val(files: list[Path], val_fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
-    """Seeded split by patient id (the `<CLASS>-<patient>-<n>` name), so one patient's scans never straddle it."""
-    patients = sorted({_patient(p) for p in files})
+    """Seeded split by patient (`patient_of`), so one patient's scans never straddle it."""
+    patients = sorted({patient_of(p) for p in files})
     random.Random(seed).shuffle(patients)
     n_val = max(1, math.ceil(len(patients) * val_fraction)) if val_fraction > 0 and len(patients) > 1 else 0
     val_patients = set(patients[:n_val])
-    return [p for p in files if _patient(p) not in val_patients], [p for p in files if _patient(p) in val_patients]
+    return ([p for p in files if patient_of(p) not in val_patients],
+            [p for p in files if patient_of(p) in val_patients])
 
 
-def _patient(path: Path) -> str:
+# Copies named `normal_train_NNNN` (the "Retinal OCT C8" compilation of Kermany's NORMAL class) lost their patient
+# ids, but their numbers follow Kermany's sorted names, so one patient's B-scans sit next to each other: a block of
+# this many numbers stands in for a patient (a real patient shared by two blocks sits at their edge).
+NUMBERED = re.compile(r"^normal_train_(\d+)$")
+NUMBERED_BLOCK = 25
+
+
+def patient_of(path: Path) -> str:
+    """The patient a scan belongs to: the `<CLASS>-<patient>-<n>` name's id, or the block of a numbered copy's
+    number (`NUMBERED_BLOCK`); a name of neither kind is its own patient."""
+    numbered = NUMBERED.match(path.stem)
+    if numbered:
+        return f"block-{int(numbered.group(1)) // NUMBERED_BLOCK}"
     parts = path.stem.split("-")
     return parts[1] if len(parts) >= 3 else path.stem
+
+
+def with_retina(files: list[Path], cfg: Preprocessing) -> tuple[list[Path], list[Path]]:
+    """The files whose preprocessing succeeds, and those of region `retina` in which no retina is found: a model is
+    neither trained nor calibrated on a scan the service would refuse, and evaluation counts refusals apart. Region
+    `scan` refuses nothing (and costs nothing here)."""
+    if cfg.region != "retina":
+        return list(files), []
+    kept, refused = [], []
+    for f in files:
+        try:
+            load_image(f, cfg)
+        except NoRetinaError:
+            refused.append(f)
+        else:
+            kept.append(f)
+    return kept, refused
 
 
 def load_image(path: Path, cfg: Preprocessing) -> np.ndarray:

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from octcore.manifest import Calibration, TailFit
 from octcore.preprocess import Preprocessing
-from training.data import OCTImages
+from training.data import OCTImages, with_retina
 
 # Pixels sampled per image to estimate each map's normal value range (the heatmap scale) without keeping all maps.
 MAP_SAMPLES_PER_IMAGE = 2048
@@ -22,8 +22,9 @@ MAP_SAMPLES_PER_IMAGE = 2048
 
 @dataclass
 class ScoredSet:
-    files: list[Path]
-    scores: dict[str, np.ndarray]
+    files: list[Path]  # the scored files, in the order of every array below
+    refused: list[Path] = field(default_factory=list)  # no retina found (region `retina`): not scored
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
     map_samples: dict[str, np.ndarray] = field(default_factory=dict)
     examples: list[dict[str, np.ndarray]] = field(default_factory=list)  # first `keep_examples` images' maps
     maps: dict[str, np.ndarray] = field(default_factory=dict)  # with `keep_maps`: every image's maps (N, S, S)
@@ -34,6 +35,9 @@ def score_files(scorer: torch.nn.Module, files: list[Path], prep: Preprocessing,
                 map_names: list[str], batch_size: int = 32, device: str | torch.device = "cpu",
                 num_workers: int = 0, keep_examples: int = 0, keep_maps: bool = False,
                 desc: str = "scoring") -> ScoredSet:
+    """Every file's scores (and map samples) through `scorer`, as the service would compute them. Files in which
+    no retina is found (region `retina`) are not scored: `refused` lists them, as the service refuses them."""
+    files, refused = with_retina(files, prep)
     loader = DataLoader(OCTImages(files, prep), batch_size=batch_size, num_workers=num_workers)
     scores: dict[str, list[np.ndarray]] = {k: [] for k in score_names}
     samples: dict[str, list[np.ndarray]] = {k: [] for k in map_names}
@@ -55,7 +59,7 @@ def score_files(scorer: torch.nn.Module, files: list[Path], prep: Preprocessing,
             if len(examples) < keep_examples:
                 examples.append({"input": x[i, 0].numpy(), "reconstruction": out["reconstruction"][i, 0].float().cpu()
                                  .numpy(), **{k: v[i] for k, v in maps.items() if k != "reconstruction"}})
-    return ScoredSet(files=list(files), scores={k: _cat(v) for k, v in scores.items()},
+    return ScoredSet(files=list(files), refused=refused, scores={k: _cat(v) for k, v in scores.items()},
                      map_samples={k: _cat(v) for k, v in samples.items()}, examples=examples,
                      maps={k: _cat(v) for k, v in kept.items()})
 

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -170,7 +171,7 @@ def prior_summary(scorer: Scorer | PriorScorer, ckpt: dict) -> dict | None:
         return None
     pckpt = load_prior_checkpoint(find_prior_checkpoint(Path(ckpt["path"])), ckpt)
     state = pckpt["state"]
-    return {"checkpoint": pckpt["path"], "prior_config": pckpt["prior_config"], "epoch": state["epoch"],
+    return {"checkpoint": Path(pckpt["path"]).name, "prior_config": pckpt["prior_config"], "epoch": state["epoch"],
             "best_epoch": state["best_epoch"], "best_val_nll": state["best_val"],
             "position_nll": {k: v for k, v in pckpt["position_nll"].items() if k != "percentiles"},
             "nll_top_fraction": scorer.nll_top_fraction, "restore_samples": scorer.restore_samples,
@@ -389,9 +390,21 @@ def export(args: argparse.Namespace) -> Path:
 
 def training_summary(ckpt: dict, ckpt_path: Path) -> dict:
     state = ckpt["state"]
-    return {"checkpoint": str(ckpt_path), "config": ckpt["train_config"], "model_config": ckpt["model_config"],
-            "epoch": state["epoch"], "best_epoch": state["best_epoch"], "best_val_loss": state["best_val"],
-            "final_metrics": (state["history"] or [{}])[-1]}
+    return {"checkpoint": ckpt_path.name, "config": portable(ckpt["train_config"]),
+            "model_config": ckpt["model_config"], "epoch": state["epoch"], "best_epoch": state["best_epoch"],
+            "best_val_loss": state["best_val"], "final_metrics": (state["history"] or [{}])[-1]}
+
+
+def portable(value: Any) -> Any:
+    """`value` with every absolute path in it cut to its last part: a model travels to other machines, and the
+    folders of the one it was built on say nothing there (and may say too much)."""
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v) for v in value]
+    if (isinstance(value, str) and value.startswith(("/", "~"))) or (isinstance(value, str) and value[1:3] == ":\\"):
+        return Path(value).name
+    return value
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from PIL import Image
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from octcore.preprocess import Preprocessing, preprocess_gray, to_gray
+from octcore.preprocess import Preprocessing, preprocess_gray, to_gray, to_input
 
 FPR_LIMIT = 0.3
 
@@ -27,11 +27,10 @@ def load_mask(scan: Path, mask: Path | None, prep: Preprocessing) -> np.ndarray:
     if mask is None or not mask.is_file():
         return np.zeros((prep.size, prep.size), dtype=bool)
     with Image.open(scan) as im:
-        _, (x0, y0, x1, y1) = preprocess_gray(to_gray(im), prep)
+        _, geometry = preprocess_gray(to_gray(im), prep)
     with Image.open(mask) as m:
-        gt = np.asarray(m.convert("L"), dtype=np.float32)[y0:y1, x0:x1] / 255.0
-    resized = Image.fromarray(np.ascontiguousarray(gt)).resize((prep.size, prep.size), Image.Resampling.BILINEAR)
-    return np.asarray(resized) >= 0.5
+        gt = np.asarray(m.convert("L"), dtype=np.float32) / 255.0
+    return to_input(gt, geometry, prep) >= 0.5
 
 
 def pixel_auroc(maps: np.ndarray, masks: np.ndarray) -> float:

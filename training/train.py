@@ -38,6 +38,7 @@ from training.data import (
     resolve_data_root,
     split_train_val,
     train_loader,
+    with_retina,
 )
 from training.device import pick_device
 from training.model import VQVAE, VQVAEConfig
@@ -75,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     # Additions.
     p.add_argument("--data_root", default=None, help="folder holding OCT2017/ (default: $OCT_DATA_ROOT)")
     p.add_argument("--image_size", type=int, default=256)
+    p.add_argument("--input_region", choices=["scan", "retina"], default="scan",
+                   help="the model's input: the whole B-scan, or the band around its retina, flattened to the RPE "
+                   "(octcore/preprocess.py)")
+    p.add_argument("--band_above", type=int, default=Preprocessing.band_above,
+                   help="--input_region retina: scan rows above the line under the RPE")
+    p.add_argument("--band_below", type=int, default=Preprocessing.band_below, help="and under it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_workers", type=int, default=DEFAULT_WORKERS, help="image-loading processes")
     p.add_argument("--amp", action="store_true", help="mixed precision (bfloat16) on CUDA")
@@ -194,6 +201,9 @@ def train(args: argparse.Namespace, device: torch.device) -> VQVAE:
                   "n_residual_layers", "embedding_dim", "n_embeddings", "beta", "dropout", "ema_decay",
                   "dead_code_steps"):
             setattr(args, k, saved[k])
+        prep_saved = Preprocessing.from_dict(resume["preprocessing"])
+        args.input_region, args.band_above, args.band_below = (prep_saved.region, prep_saved.band_above,
+                                                               prep_saved.band_below)
 
     # Data: NORMAL training B-scans only; a seeded, patient-wise validation split.
     try:
@@ -203,8 +213,15 @@ def train(args: argparse.Namespace, device: torch.device) -> VQVAE:
     files = list_images(oct_root, "train", "NORMAL")
     if len(files) < 2:
         raise SystemExit(f"error: {oct_root}/train/NORMAL holds {len(files)} images; at least 2 are needed")
+    prep = Preprocessing(size=args.image_size, region=args.input_region, band_above=args.band_above,
+                         band_below=args.band_below)
+    files, refused = with_retina(files, prep)
+    if refused:
+        dist.log(f"data: no retina found in {len(refused)} of {len(files) + len(refused)} NORMAL images (not "
+                 f"trained on), e.g. {refused[0].name}")
+    if len(files) < 2:
+        raise SystemExit(f"error: a retina was found in {len(files)} of the NORMAL images; at least 2 are needed")
     train_files, val_files = split_train_val(files, args.val_fraction, args.seed)
-    prep = Preprocessing(size=args.image_size)
     cache = Path(args.cache_dir) if args.cache_dir else None
     augment = None if args.no_augment else Augment()
     train_ds = OCTImages(train_files, prep, augment, cache, seed=args.seed)

@@ -1,39 +1,93 @@
-"""bench/bench_real.py's pooling of sample folders and its patient-wise folds."""
+"""bench/bench_real.py: pooling sample folders, the protocol's roles and folds, and its bootstrap intervals."""
 
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
 spec = importlib.util.spec_from_file_location("bench_real", ROOT / "bench" / "bench_real.py")
 bench_real = importlib.util.module_from_spec(spec)
+sys.modules["bench_real"] = bench_real  # its dataclasses look their module up there
 spec.loader.exec_module(bench_real)
+import real_protocol  # noqa: E402
 
 
-def scan(folder: Path, name: str, content: bytes) -> None:
-    (folder / name.split("-")[0]).mkdir(parents=True, exist_ok=True)
-    (folder / name.split("-")[0] / name).write_bytes(content)
+def scan(folder: Path, name: str, value: int, cls: str | None = None) -> None:
+    d = folder / (cls or name.split("-")[0])
+    d.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 12), value, np.uint8)).save(d / name, format="PNG")
 
 
 def test_pooled_folders_keep_each_content_once_and_every_name_unique(tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
-    scan(a, "NORMAL-1-1.jpeg", b"n1")
-    scan(a, "CNV-7-1.jpeg", b"c1")
-    scan(b, "NORMAL-1-1.jpeg", b"n1")  # the same scan again: dropped
-    scan(b, "CNV-7-1.jpeg", b"c2")  # the same name, other content (the data set reuses names): kept, renamed
-    scan(b, "NORMAL-2-1.jpeg", b"n2")
+    scan(a, "NORMAL-1-1.jpeg", 1)
+    scan(a, "CNV-7-1.jpeg", 2)
+    scan(b, "NORMAL-1-1.jpeg", 1)  # the same scan again: dropped
+    scan(b, "CNV-7-1.jpeg", 3)  # the same name, other content (the data set reuses names): kept, renamed
+    scan(b, "normal_train_1234.jpg", 4, cls="NORMAL")  # a numbered copy
     pooled = bench_real.pool_samples([a, b])
-    assert [n for n, _ in pooled["NORMAL"]] == ["NORMAL-1-1.jpeg", "NORMAL-2-1.jpeg"]
-    assert [n for n, _ in pooled["CNV"]] == ["CNV-7-1.jpeg", "CNV-7-1b.jpeg"]
-    assert pooled["CNV"][1][1] == b / "CNV" / "CNV-7-1.jpeg"
-    assert pooled["DME"] == [] and pooled["DRUSEN"] == []
+    assert [s.name for s in pooled if s.cls == "NORMAL"] == ["NORMAL-1-1.jpeg", "normal_train_1234.jpg"]
+    assert [s.name for s in pooled if s.cls == "CNV"] == ["CNV-7-1.jpeg", "CNV-7-1b.jpeg"]
+    assert next(s for s in pooled if s.name == "CNV-7-1b.jpeg").path == b / "CNV" / "CNV-7-1.jpeg"
+    assert {s.protocol for s in pooled} == {"12x8"}
+    assert next(s for s in pooled if s.name.startswith("normal_train")).patient == "block-49"  # 1234 // 25: numbered copies are grouped in blocks
 
 
-def test_folds_never_split_a_patient(tmp_path: Path) -> None:
-    files = [(f"NORMAL-{p}-{i}.jpeg", tmp_path / "x") for p in range(10) for i in range(p % 3 + 1)]
-    folds = bench_real.patient_folds(files, 3, seed=0)
-    assert sorted(f for fold in folds for f in fold) == sorted(files)
-    owners = [{bench_real.patient(Path(n)) for n, _ in fold} for fold in folds]
-    assert all(not (owners[i] & owners[j]) for i in range(3) for j in range(i + 1, 3))
-    assert folds == bench_real.patient_folds(files, 3, seed=0)
+def test_numbered_copies_report_by_block_and_a_guard_keeps_neighbours_out() -> None:
+    role = real_protocol.role
+    assert role("normal_train_1150.jpg", True) == "report"  # block 11: 11 % 5 == 1
+    assert role("normal_train_1099.jpg", True) == "guard"  # the last numbers before a report block
+    assert role("normal_train_1205.jpg", True) == "guard"  # the first after it
+    assert role("normal_train_1089.jpg", True) == "select"
+    assert role("normal_train_1215.jpg", True) == "select"
+    # Every number of a block has one fold: a block's patients are never split between folds.
+    assert {real_protocol.fold(f"normal_train_{n}.jpg", 3) for n in range(1300, 1400)} == {13 % 3}
+
+
+def test_named_copies_are_split_by_patient_the_same_way_whatever_else_is_there() -> None:
+    role, fold = real_protocol.role, real_protocol.fold
+    for patient in range(200):
+        scans = [f"NORMAL-{patient}-{i}.jpeg" for i in range(1, 4)] + [f"NORMAL-{patient}-1b.jpeg"]
+        assert len({role(s, True) for s in scans}) == 1
+        assert len({fold(s, 3) for s in scans}) == 1
+    normal_share = np.mean([role(f"NORMAL-{p}-1.jpeg", True) == "report" for p in range(2000)])
+    abnormal_share = np.mean([role(f"DME-{p}-1.jpeg", False) == "report" for p in range(2000)])
+    assert 0.17 < normal_share < 0.23 and 0.46 < abnormal_share < 0.54
+
+
+def scored(normal: list[float], abnormal: list[float], patients: list[str]) -> bench_real.Scored:
+    scans = [bench_real.Scan(f"NORMAL-{p}-{i}.jpeg", Path("x"), "NORMAL", 512, 496)
+             for i, p in enumerate(patients[:len(normal)])]
+    scans += [bench_real.Scan(f"CNV-{p}-{i}.jpeg", Path("x"), "CNV", 768, 496)
+              for i, p in enumerate(patients[len(normal):])]
+    s = np.array(normal + abnormal, dtype=float)
+    return bench_real.Scored(manifest=None, scans=scans, scores={bench_real.SERVED: s},
+                             refused=~np.isfinite(s))
+
+
+def test_decision_counts_a_refused_scan_as_flagged_and_reports_each_width() -> None:
+    s = scored([0.1, 0.2, np.inf], [0.9, np.inf], ["1", "2", "3", "4", "5"])
+    d = bench_real.decision(s, threshold=0.5)
+    assert d["specificity"] == 2 / 3 and d["sensitivity"] == 1.0
+    assert d["specificity 512x496"] == 2 / 3 and d["n 512x496"] == 3
+    assert bench_real.auroc(np.array([0.1, np.inf]), np.array([np.inf, 0.9])) == 0.625
+
+
+def test_bootstrap_intervals_resample_patients_and_cover_the_point() -> None:
+    rng = np.random.default_rng(0)
+    normal = list(rng.normal(0, 1, 60))
+    abnormal = list(rng.normal(1.5, 1, 40))
+    patients = [str(i // 3) for i in range(100)]  # 3 scans a patient
+    s = scored(normal, abnormal, patients)
+    ci = bench_real.bootstrap(s, threshold=0.8, reps=300, seed=0)
+    point = bench_real.decision(s, 0.8)
+    lo, hi = ci["specificity"]
+    assert lo <= point["specificity"] <= hi and hi - lo > 0.05
+    lo, hi = ci["NORMAL vs rest served"]
+    assert 0.7 < lo < hi < 1.0

@@ -63,7 +63,7 @@ def test_sixteen_bit_keeps_precision() -> None:
 def test_box_maps_back_to_input_pixels() -> None:
     img = np.full((100, 100), 255, np.uint8)
     img[:, 30:70] = 50
-    _, box = preprocess_gray(to_gray(Image.fromarray(img)), CFG)
+    box = preprocess_gray(to_gray(Image.fromarray(img)), CFG)[1].box
     assert box == (30, 0, 70, 100)
 
 
@@ -73,7 +73,8 @@ def test_real_kermany_samples_preprocess() -> None:
     for f in files:
         with Image.open(f) as im:
             gray = to_gray(im)
-            x, (x0, y0, x1, y1) = preprocess_gray(gray, Preprocessing())
+            x, geometry = preprocess_gray(gray, Preprocessing())
+            x0, y0, x1, y1 = geometry.box
         assert x.shape == (256, 256) and np.isfinite(x).all()
         # Real scans carry white padding; what is kept must be the darker retina, not the padding.
         assert gray[y0:y1, x0:x1].mean() < 0.6
@@ -158,9 +159,9 @@ def test_vectorised_steps_equal_the_reference(seed: int) -> None:
     f32 = u8.astype(np.float32) / 255.0
     cfg = Preprocessing(size=48, margin_fill=[0.0, 0.1][seed % 2])
     want, want_box = reference_preprocess(f32, cfg)
-    got_u8, box_u8 = preprocess_gray(u8, cfg)
-    got_f32, box_f32 = preprocess_gray(f32, cfg)
-    assert box_u8 == box_f32 == want_box
+    got_u8, geo_u8 = preprocess_gray(u8, cfg)
+    got_f32, geo_f32 = preprocess_gray(f32, cfg)
+    assert geo_u8.box == geo_f32.box == want_box
     np.testing.assert_array_equal(got_u8, got_f32)  # v and v / 255 (a JPEG and a DICOM frame): the same input
     np.testing.assert_allclose(got_u8, want, rtol=0, atol=ROUNDING)
     np.testing.assert_array_equal(fill_border_padding(f32, cfg), reference_fill(f32, cfg))
@@ -189,10 +190,10 @@ def test_training_reader_and_service_input_agree_on_real_scans() -> None:
             im.load()
             want, want_box = reference_preprocess(to_gray(im), Preprocessing())
             trained = preprocess(im, Preprocessing())
-            got, box = preprocess_gray(gray_pixels(im), Preprocessing())
+            got, geometry = preprocess_gray(gray_pixels(im), Preprocessing())
         np.testing.assert_array_equal(got, trained)  # the service's input is bit for bit the training input
         np.testing.assert_allclose(got, want, rtol=0, atol=ROUNDING)
-        assert box == want_box
+        assert geometry.box == want_box
 
 
 @pytest.mark.parametrize("margins", [(0, 0, 0, 0), (17, 3, 40, 33), (1, 16, 15, 32), (60, 59, 0, 1)])

@@ -42,7 +42,7 @@ def test_box_excludes_white_margins_and_preview_is_the_upload(client: httpx.Clie
     body = r.json()
     box = body["heatmap_box"]
     manifest, _ = load_scorer(tiny_model.version_dir)
-    _, expected = preprocess_gray(to_gray(image), manifest.preprocessing_config())
+    expected = preprocess_gray(to_gray(image), manifest.preprocessing_config())[1].box
     assert (box["x0"], box["y0"], box["x1"], box["y1"]) == expected
     # The margins are outside, the scan inside: the box is the original scan's place on the padded upload.
     assert (box["x0"], box["y0"], box["x1"], box["y1"]) == (MARGIN, 0, image.width - MARGIN, image.height)

@@ -63,7 +63,8 @@ def test_jpeg_parity_and_sixteen_bit_precision_kept(tmp_path: Path) -> None:
 def test_real_kermany_scans_match_the_training_reader() -> None:
     assert kermany_files(), "tests/data/kermany holds the real sample scans"
     for path in kermany_files():
-        served, box = preprocess_gray(decode_image(path.read_bytes(), LIMITS), CFG)
+        served, geometry = preprocess_gray(decode_image(path.read_bytes(), LIMITS), CFG)
+        box = geometry.box
         np.testing.assert_array_equal(served, load_image(path, CFG))
         assert box[2] - box[0] >= 8 and box[3] - box[1] >= 8
 

@@ -50,7 +50,7 @@ def check_result(r: httpx.Response, tiny_model, image: Image.Image, heatmaps: bo
     if not heatmaps:
         assert "heatmaps" not in body
         return body
-    _, box = preprocess_gray(to_gray(image), manifest.preprocessing_config())
+    box = preprocess_gray(to_gray(image), manifest.preprocessing_config())[1].box
     with_maps = {k for k, s in manifest.scores.items() if s.map}
     assert set(body["heatmaps"]) == with_maps
     for k in with_maps:
