@@ -26,6 +26,7 @@ def main() -> int:
     from service.processes import ServingState, bind, serve_one, supervise
 
     logs.configure(settings.log_format, settings.log_level)
+    logs.quiet_dicom_libraries()
     if settings.workers == 1:
         from service.engine import Engine
         from service.metrics import Metrics

@@ -1,16 +1,18 @@
 """Logging set-up (`OCT_LOG_FORMAT` json|text) and the audit trail: one JSON line per request, no image or patient
-data. Every line passes `scrub`, which blanks the text values of any DICOM object the current request parsed
-(what may appear in a log: docs/security.md)."""
+data. Every line passes `scrub`, which blanks the text values of any DICOM object the current request parsed, and
+every record of a DICOM library has what it quotes redacted first (what may appear in a log: docs/security.md)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
+import warnings
 from typing import Any
 
-from service.dicom.phi import scrub
+from service.dicom.phi import REDACTED, scrub
 
 audit_log = logging.getLogger("oct.audit")
 
@@ -38,8 +40,43 @@ class TextFormatter(logging.Formatter):
         return scrub(super().format(record))
 
 
+# Loggers whose messages may quote a value of the DICOM object being read or built (pydicom's "Invalid value for VR
+# DA: '1951-02-03'", highdicom's 'value of argument "patient_name" is potentially invalid: "…"'), and the warnings
+# libraries raise, which reach the log as `py.warnings` records. Such a value may be read in a thread or process where
+# `scrub` does not know it, so these records are redacted by their shape instead: whatever they quote goes.
+LIBRARY_LOGGERS = ("pydicom", "highdicom", "py.warnings")
+_QUOTE = re.compile("['\"`]")
+
+
+def redact_quoted(text: str) -> str:
+    """`text` with each quoted part replaced, from a quote to the last quote of the same kind (a value may hold
+    quotes of its own), and everything after a quote that is never closed."""
+    out, i = [], 0
+    while (m := _QUOTE.search(text, i)) is not None:
+        end = text.rfind(m.group(), m.end())
+        out += [text[i:m.start()], REDACTED]
+        if end < 0:
+            return "".join(out)
+        i = end + 1
+    return "".join(out) + text[i:]
+
+
+class LibraryRedaction(logging.Filter):
+    """On the handler, so it sees every record of every thread: a DICOM library's record leaves with what it
+    quotes redacted, and with its exception's type instead of a traceback, whose messages may quote values too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".", 1)[0] in LIBRARY_LOGGERS or record.name == "py.warnings":
+            record.msg, record.args = redact_quoted(record.getMessage()), None
+            if record.exc_info:
+                record.msg += f" ({record.exc_info[0].__name__ if record.exc_info[0] else 'exception'})"
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
 def configure(log_format: str, level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(LibraryRedaction())
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -53,6 +90,20 @@ def configure(log_format: str, level: str) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
+
+
+def quiet_dicom_libraries() -> None:
+    """Process-wide switches for the DICOM libraries, set where a serving process starts (`python -m service` and
+    each worker process it spawns), never on import. pydicom does not validate values as it reads them (the
+    warnings quoted the value; service/dicom/attributes.py checks what the results copy and names only keywords),
+    and its warnings, which repeat its log records, are ignored; highdicom's INFO lines (each module it copies) are
+    noise; every other library's warning goes to the log, through LibraryRedaction, instead of raw to stderr."""
+    from pydicom import config
+
+    config.settings.reading_validation_mode = config.IGNORE
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    logging.captureWarnings(True)
 
 
 def audit(**fields: Any) -> None:

@@ -249,6 +249,7 @@ def _worker_main(settings: Settings, sock: socket.socket, shared: Any, index: in
     from service.metrics import Metrics
 
     logs.configure(settings.log_format, settings.log_level)
+    logs.quiet_dicom_libraries()
     state = ServingState(shared, index)
     try:
         engine = Engine.load(settings, Metrics())

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import struct
-import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,12 +48,6 @@ UNDEFINED_LENGTH = 0xFFFFFFFF
 _INFLATE_HEADROOM = 64 * 1024 * 1024  # attributes besides Pixel Data a deflated object may carry
 _IDENTIFY_INFLATE_BYTES = 1024 * 1024  # the SOP UIDs sit near the start of the data set
 _ITEM, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE0DD
-
-# pydicom reports what it tolerates in a sender's file (values it cannot convert, a VR that does not match) as
-# warnings, and some quote the value, which may be the patient's. They are not the service's to print: filtered
-# once for the process, here, rather than with `warnings.catch_warnings`, which swaps the process-wide filter list
-# and so is not safe while another thread (decoding runs in worker threads) or the event loop reads DICOM too.
-warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 
 
 @dataclass

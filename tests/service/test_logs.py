@@ -51,3 +51,54 @@ def test_configure_uses_only_public_switches() -> None:
     (record,) = records
     assert record.thread is None and record.process is None
     assert record.funcName == "test_configure_uses_only_public_switches"
+
+
+def test_dicom_library_records_leave_without_what_they_quote(capsys: pytest.CaptureFixture[str]) -> None:
+    """pydicom and highdicom quote the values they find wrong, possibly the patient's, from any thread: their records
+    (and warnings) reach the log with the quoted parts redacted and no traceback; the service's own are untouched."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        logs.configure("json", "DEBUG")
+        logging.getLogger("pydicom").warning("Invalid value for VR DA: '1951-02-03'.")
+        logging.getLogger("highdicom.base").warning('value of argument "patient_name" is potentially invalid: '
+                                                    '"O\'Malformed^Mary"')
+        try:
+            raise ValueError("Unable to convert '10:31:07' to 'TM' object")
+        except ValueError:
+            logging.getLogger("highdicom").exception("cannot copy %s", "'ACC-31337'")
+        logging.getLogger("py.warnings").warning("%s", 'x.py:1: UserWarning: The string "MAL-31337" is unlikely')
+        logging.getLogger("oct.test").info("kept 'as it is'")
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    lines = [json.loads(line) for line in capsys.readouterr().err.strip().splitlines()]
+    assert [line["msg"] for line in lines] == [
+        "Invalid value for VR DA: [redacted].", "value of argument [redacted]", "cannot copy [redacted] (ValueError)",
+        "x.py:1: UserWarning: The string [redacted] is unlikely", "kept 'as it is'"]
+    assert not any("exc" in line for line in lines)
+
+
+def test_importing_the_service_changes_no_process_wide_state() -> None:
+    """The DICOM libraries are quieted where a serving process starts (service/__main__.py, each worker process),
+    not as a side effect of importing a module: their warning filters, where warnings go, their log levels and
+    pydicom's validation are as the libraries left them until `quiet_dicom_libraries` runs."""
+    import subprocess
+    import sys
+
+    probe = """
+import logging, warnings
+from pydicom import config
+state = lambda: ([f for f in warnings.filters if "dicom" in str(f)], warnings.showwarning,
+                 logging.getLogger("highdicom").level, config.settings.reading_validation_mode)
+import highdicom
+before = state()
+import service.__main__, service.main, service.processes, service.dicom.decode, service.dicom.ingest, service.logs
+assert state() == before, "an import changed process-wide state"
+service.logs.quiet_dicom_libraries()
+assert config.settings.reading_validation_mode == config.IGNORE and logging.getLogger("highdicom").level == 30
+assert warnings.showwarning is not before[1]  # warnings go to the log
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
