@@ -16,13 +16,14 @@ from starlette.requests import Request
 
 from service.budget import Budget, inflight
 from service.dicom import phi
+from service.dicom.attributes import SourceRepairs, prepare_source
 from service.dicom.decode import DicomImage, decode_dicom
 from service.dicom.errors import DicomProblem, OwnResult, ResultsNotBuildable, StudyMismatch
 from service.dicom.outbox import Outbox, dicom_bytes
 from service.dicom.phi import library_error
-from service.dicom.results import MANUFACTURER, ResultIds, fill_type2, is_uid
+from service.dicom.results import MANUFACTURER, ResultIds, is_uid
 from service.dicom.sc import build_sc
-from service.dicom.schemas import Delivery, ResultInstance, ResultRecord, VolumeScoreResult
+from service.dicom.schemas import Delivery, ResultInstance, ResultRecord, SourceAttributes, VolumeScoreResult
 from service.dicom.sr import build_sr
 from service.dicom.volume import score_volume
 
@@ -90,17 +91,18 @@ async def _ingest(engine: Any, outbox: Outbox, image: DicomImage, *, base_url: s
     top = await engine.score_gray(image.frame(result.max_frame), heatmaps=True)
     ids = ResultIds(image.series_instance_uid, image.sop_instance_uid, result.model)
 
-    def build() -> dict[str, Any]:
-        source = fill_type2(ds)  # highdicom copies these from the source and needs them present
-        objs: dict[str, Any] = {"sr": build_sr(source, result, ids)}
+    def build() -> tuple[dict[str, Any], SourceRepairs]:
+        gray = image.frame(result.max_frame)  # before the attributes change: its intensity mapping reads them
+        repairs = prepare_source(ds)  # what highdicom copies: valid, repaired or left out
+        objs: dict[str, Any] = {"sr": build_sr(ds, result, ids)}
         maps = top.heatmaps or {}
         if maps:
             name = engine.overlay if engine.overlay in maps else next(iter(maps))
-            objs["sc"] = build_sc(source, image.frame(result.max_frame), name, maps[name], engine.cfg, result, ids)
-        return objs
+            objs["sc"] = build_sc(ds, gray, name, maps[name], engine.cfg, result, ids)
+        return objs, repairs
 
     try:
-        objs = await engine.run_cpu(build)
+        objs, repairs = await engine.run_cpu(build)
         files = await engine.run_cpu(lambda: {f"{k}.dcm": dicom_bytes(o) for k, o in objs.items()})
     except DicomProblem:
         raise
@@ -111,6 +113,7 @@ async def _ingest(engine: Any, outbox: Outbox, image: DicomImage, *, base_url: s
     record = ResultRecord(
         source_sop_instance_uid=uid, study_instance_uid=image.study_instance_uid, created_at=time.time(),
         result=result, delivery=Delivery(status="pending" if deliver else "local"),
+        source_attributes=SourceAttributes(repaired=repairs.repaired, left_out=repairs.left_out),
         instances=[ResultInstance(kind=k, sop_class_uid=str(o.SOPClassUID), sop_instance_uid=str(o.SOPInstanceUID),
                                   series_instance_uid=str(o.SeriesInstanceUID),
                                   url=f"{base_url}/dicomweb/results/{uid}/{k}.dcm") for k, o in objs.items()])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from service.schemas import ModelRef
@@ -70,17 +69,3 @@ class ResultIds:
 
     def tracking_uid(self, what: str) -> str:
         return self._uid("tracking", self.source_sop_uid, what)
-
-
-# Type 2 attributes (present, may be empty) of the Patient and General Study modules that highdicom copies from the
-# source. Many devices omit them entirely; an empty value is what the standard means by "unknown".
-_TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
-
-
-def fill_type2(ds: Dataset) -> Dataset:
-    """Add absent Type 2 patient/study attributes to `ds` (in memory), empty: no value is ever invented."""
-    for name in _TYPE2_COPIED:
-        if name not in ds:
-            setattr(ds, name, None)
-    return ds

@@ -77,6 +77,16 @@ class Delivery(BaseModel):
     delivered_at: float | None = None
 
 
+class SourceAttributes(BaseModel):
+    """What the source's attributes needed before the result objects could copy them (service/dicom/attributes.py):
+    keywords only (`Sequence>Keyword` inside a sequence), never values."""
+
+    repaired: list[str] = Field(default_factory=list, description="Invalid as written, copied repaired (an ISO "
+                                "date as DICOM's YYYYMMDD, a time without colons, a sex written out as its code)")
+    left_out: list[str] = Field(default_factory=list, description="Invalid and not repairable: left out of the "
+                                "results (a Type 2 patient/study attribute is copied empty)")
+
+
 class ResultRecord(BaseModel):
     """One scored source instance: its scores, the result objects built for it and their delivery to the PACS."""
 
@@ -86,6 +96,8 @@ class ResultRecord(BaseModel):
     result: VolumeScoreResult
     instances: list[ResultInstance]
     delivery: Delivery
+    # Empty in records stored by earlier versions.
+    source_attributes: SourceAttributes = Field(default_factory=SourceAttributes)
 
 
 class ResultSummary(BaseModel):

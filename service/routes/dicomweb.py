@@ -197,6 +197,10 @@ async def _stow(request: Request, engine: EngineDep, outbox: Outbox, study: str 
         outcome.stored.append((r.sop_class_uid, r.sop_instance_uid, url))
         log.info("scored %s (%d frames): score %.6g, anomalous %s, max frame %d", r.sop_instance_uid,
                  r.number_of_frames, r.score, r.is_anomalous, r.max_frame)
+        fixes = record.source_attributes
+        if fixes.repaired or fixes.left_out:  # by keyword: the values themselves never reach a log
+            log.warning("%s: source attributes not valid as written; repaired: %s; left out of the results: %s",
+                        r.sop_instance_uid, ", ".join(fixes.repaired) or "none", ", ".join(fixes.left_out) or "none")
         if worker is not None:
             worker.notify()
     audit = request.scope.setdefault("oct.audit", {})

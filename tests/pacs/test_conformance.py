@@ -1,6 +1,6 @@
 """DICOM conformance checked by dciodvfy (Debian's dicom3tools, installed by scripts/test.sh): the OCT fixture is a
-conformant Ophthalmic Tomography Image, and the SR and Secondary Capture the live service builds from it have no
-error."""
+conformant Ophthalmic Tomography Image, and the SR and Secondary Capture the live service builds from it, and from
+every source of the malformed-attribute corpus (tests/pacs/malformed.py), have no error."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from live import Service
+from malformed import CASES, malformed_dataset
 from oct_dicom import conformant_oct, phantom_frames, to_bytes
 
 from service.multipart import build_related
@@ -49,15 +50,39 @@ def test_the_check_can_fail(tmp_path: Path) -> None:
     assert any("ImageType" in e for e in dciodvfy_errors(path))
 
 
-def test_sr_and_sc_built_by_the_service_have_no_error(service: Service, tmp_path: Path) -> None:
-    ds = conformant_oct(phantom_frames(3, 96, 128, seed=2))
-    body, ctype = build_related([to_bytes(ds)])
+def stow_and_check(service: Service, tmp_path: Path, data: bytes, sop_instance_uid: str) -> dict:
+    """STOW one instance to the live service; dciodvfy finds no error in its SR and SC. Returns its result record."""
+    body, ctype = build_related([data])
     r = httpx.post(f"{service.url}/dicomweb/studies", content=body, headers={"Content-Type": ctype}, timeout=60)
-    assert r.status_code == 200, r.text
+    assert r.status_code == 200 and "00081198" not in r.json(), r.text
     for kind in ("sr", "sc"):
-        got = httpx.get(f"{service.url}/dicomweb/results/{ds.SOPInstanceUID}/{kind}.dcm", timeout=30)
+        got = httpx.get(f"{service.url}/dicomweb/results/{sop_instance_uid}/{kind}.dcm", timeout=30)
         assert got.status_code == 200, got.text
         path = tmp_path / f"{kind}.dcm"
         path.write_bytes(got.content)
         errors = dciodvfy_errors(path)
         assert not errors, f"{kind}:\n" + "\n".join(errors)
+    return httpx.get(f"{service.url}/dicomweb/results/{sop_instance_uid}", timeout=30).json()
+
+
+def test_sr_and_sc_built_by_the_service_have_no_error(service: Service, tmp_path: Path) -> None:
+    ds = conformant_oct(phantom_frames(3, 96, 128, seed=2))
+    record = stow_and_check(service, tmp_path, to_bytes(ds), ds.SOPInstanceUID)
+    assert record["source_attributes"] == {"repaired": [], "left_out": []}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_source_with_malformed_attributes_is_scored_and_its_results_have_no_error(service: Service, tmp_path: Path,
+                                                                                   case: str) -> None:
+    ds = malformed_dataset(case)
+    data = to_bytes(ds)
+    scored = httpx.post(f"{service.url}/score", content=data, params={"heatmaps": "false"},
+                        headers={"Content-Type": "application/dicom"}, timeout=60)
+    assert scored.status_code == 200, scored.text
+    record = stow_and_check(service, tmp_path, data, ds.SOPInstanceUID)
+    said = record["source_attributes"]
+    for keyword, written in CASES[case].items():
+        if written.expected is None:
+            assert keyword in said["left_out"], (keyword, said)
+        else:
+            assert keyword not in said["left_out"], (keyword, said)

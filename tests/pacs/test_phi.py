@@ -1,6 +1,8 @@
 """No patient data in any log line or error text: a DICOM whose every text attribute carries a marker goes through
-/score and STOW-RS, intact and broken in several ways, and neither the service's log nor any answer body that is
-not a result object may contain a marker (docs/security.md: UIDs may appear, names, IDs and dates may not)."""
+/score and STOW-RS, intact and broken in several ways, and so does the corpus of malformed attributes
+(tests/pacs/malformed.py), at DEBUG, in one serving process and in worker processes; neither the service's log nor any
+answer body that is not a result object may contain a marker or a malformed value (docs/security.md: UIDs may
+appear, names, IDs and dates may not)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from live import Service
+from malformed import CASES, malformed
+from malformed import NEEDLES as MALFORMED_VALUES
 from oct_dicom import oct_dataset, phantom_frames, to_bytes
 
 from service.dicom.phi import REDACTED, remember, scrub, text_values
@@ -23,7 +27,7 @@ MARKERS = {
     "PatientName": "Mkrsurname^Mkrgiven", "PatientID": "MKRPID-31337", "PatientBirthDate": "19011231",
     "AccessionNumber": "MKRACC-4711", "InstitutionName": "Mkrclinic", "ReferringPhysicianName": "Mkrdoctor^Who",
     "StudyDescription": "Mkrstudydesc", "SeriesDescription": "Mkrseriesdesc", "StudyID": "MKRSTUDY",
-    "OperatorsName": "Mkroperator", "PatientComments": "Mkrcomment about the patient",
+    "OperatorsName": "Mkroperator", "PatientComments": "Mkrcomment about Mkrsubject",
     "InstitutionAddress": "Mkrstreet 1", "StationName": "MKRSTATION", "PatientAge": "077Y",
     "OtherPatientIDs": "MKROTHERID", "DeviceSerialNumber": "MKRSERIAL", "StudyTime": "231759",
 }
@@ -55,13 +59,26 @@ def bad_sex() -> bytes:
     return marked(PatientSex="MKRSEX")  # a value highdicom refuses when it copies the patient module
 
 
+def debug_service(tiny_model, tmp_path_factory: pytest.TempPathFactory, workers: int) -> Service:
+    tmp = tmp_path_factory.mktemp("phi")
+    return Service({"OCT_MODEL_STORE": str(tiny_model.store), "OCT_MODEL_NAME": tiny_model.name, "OCT_DEVICE": "cpu",
+                    "OCT_HOST": "127.0.0.1", "OCT_TORCH_THREADS": "1", "OCT_MAX_BATCH_SIZE": "4",
+                    "OCT_LOG_LEVEL": "DEBUG", "OCT_RESULTS_DIR": str(tmp / "results"), "OCT_PACS_STOW_URL": "",
+                    "OCT_WORKERS": str(workers)}, tmp / "service.log")
+
+
 @pytest.fixture(scope="module")
 def service(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    tmp = tmp_path_factory.mktemp("phi")
-    svc = Service({"OCT_MODEL_STORE": str(tiny_model.store), "OCT_MODEL_NAME": tiny_model.name, "OCT_DEVICE": "cpu",
-                   "OCT_HOST": "127.0.0.1", "OCT_TORCH_THREADS": "1", "OCT_MAX_BATCH_SIZE": "4",
-                   "OCT_LOG_LEVEL": "DEBUG", "OCT_RESULTS_DIR": str(tmp / "results"), "OCT_PACS_STOW_URL": ""},
-                  tmp / "service.log")
+    svc = debug_service(tiny_model, tmp_path_factory, workers=1)
+    svc.start()
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="module")
+def workers_service(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """Two worker processes decode and build: each must silence the DICOM libraries itself."""
+    svc = debug_service(tiny_model, tmp_path_factory, workers=2)
     svc.start()
     yield svc
     svc.stop()
@@ -92,6 +109,30 @@ def test_markers_appear_nowhere_but_in_result_objects(service: Service) -> None:
     log = service.log.read_text()
     assert "refused" in log  # the broken objects were logged, so the grep below looks at real lines
     assert not NEEDLES.findall(log), NEEDLES.findall(log)[:5]
+
+
+@pytest.mark.parametrize("which", ["service", "workers_service"])
+def test_malformed_attributes_are_scored_and_their_values_reach_no_log(which: str,
+                                                                       request: pytest.FixtureRequest) -> None:
+    svc: Service = request.getfixturevalue(which)
+    answers: list[tuple[str, httpx.Response]] = []
+    with httpx.Client(base_url=svc.url, timeout=60) as c:
+        for case in CASES:
+            data = malformed(case)
+            answers.append((f"/score {case}", c.post("/score", content=data, params={"heatmaps": "false"},
+                                                     headers={"Content-Type": "application/dicom"})))
+            body, ctype = build_related([data])
+            answers.append((f"STOW {case}", c.post("/dicomweb/studies", content=body,
+                                                   headers={"Content-Type": ctype})))
+            uid = answers[-1][1].json()["00081199"]["Value"][0]["00081155"]["Value"][0]
+            answers.append((f"result {case}", c.get(f"/dicomweb/results/{uid}")))
+    for what, r in answers:
+        assert r.status_code == 200, (what, r.text)
+        assert "00081198" not in r.text, (what, r.text)  # no FailedSOPSequence: every instance stored
+        assert not MALFORMED_VALUES.findall(r.text), f"{what} answered {MALFORMED_VALUES.findall(r.text)}"
+    log = svc.log.read_text()
+    assert "source attributes not valid" in log and '"level": "DEBUG"' in log  # real lines, at DEBUG
+    assert not MALFORMED_VALUES.findall(log), [line for line in log.splitlines() if MALFORMED_VALUES.search(line)][:5]
 
 
 def test_scrub_blanks_remembered_values_in_any_case() -> None:
