@@ -1,6 +1,6 @@
 """The service's own CPU cost per request, with a scorer that costs nothing; prints tables, asserts nothing.
 
-    python bench/bench_overhead.py --model_dir model_store/oct-vqvae/1 [--workers 1,2] [--seconds 8]
+    python bench/bench_overhead.py --model_dir model_store/kermany-oct/1 [--workers 1,2] [--seconds 8]
     python bench/bench_overhead.py --model_dir model_store/kermany-oct/1 --real    # the whole cost, real model
 
 The scorer is `bench/null_scorer.py` built from `--model_dir`'s manifest (the same maps and scores, at `--size`²),

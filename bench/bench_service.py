@@ -1,6 +1,6 @@
 """Scoring-service benchmark on loopback; prints tables, asserts nothing.
 
-    python bench/bench_service.py --model_dir model_store/oct-vqvae/1 --concurrency 1,8,32 --duration 10
+    python bench/bench_service.py --model_dir model_store/kermany-oct/1 --concurrency 1,8,32 --duration 10
 
 (a) raw scorer img/s per batch size (load_scorer, no HTTP);
 (b) service img/s, p50/p99 latency per concurrency, with batching on and with OCT_MAX_BATCH_SIZE=1;
