@@ -30,7 +30,7 @@ from training.checkpoint import load_checkpoint  # noqa: E402
 from training.data import CLASSES, list_images, load_image, resolve_data_root  # noqa: E402
 from training.evaluate import score_files  # noqa: E402
 from training.export import build_scorer, calibration_files, fit_combined, resolve_checkpoint  # noqa: E402
-from training.scorer import COMBINED_OF, PriorScorer  # noqa: E402
+from training.scorer import COMBINED_TERM, PriorScorer, with_role  # noqa: E402
 
 TINY_VQVAE = ["--n_hiddens", "32", "--n_residual_hiddens", "16", "--n_residual_layers", "2", "--embedding_dim", "16",
               "--n_embeddings", "32"]
@@ -100,7 +100,7 @@ def main() -> int:
     if not isinstance(variants["prior"], PriorScorer):
         raise SystemExit(f"error: {ckpt_path.parent} has no prior; run python -m training.train_prior first")
     prior_scorer = variants["prior"]
-    normal = score_files(prior_scorer, calibration_files(ckpt, oct_root), prep, COMBINED_OF, [])
+    normal = score_files(prior_scorer, calibration_files(ckpt, oct_root), prep, with_role(COMBINED_TERM), [])
     fit_combined([s for s in variants.values() if isinstance(s, PriorScorer)], normal)
     with torch.no_grad():  # how many codes restoration redraws on these scans (its cost is one prior pass each)
         nll = prior_scorer.prior.nll(prior_scorer.base(images)["codes"])

@@ -134,9 +134,10 @@ def cli(*args: str, log: Path) -> None:
 
 
 def train_recipe(data: Path, work: Path, args: argparse.Namespace, log: Path, reuse: bool) -> Path:
-    """The recipe on `data`'s train/NORMAL: VQ-VAE, then its prior; the best checkpoint. With `reuse`, a trained run
-    in `work` is kept (a shorter one continued to --epochs: the learning rate is constant) and its prior too."""
-    ckpts = sorted((work / "runs").glob("*/best-*.ckpt"))
+    """The recipe on `data`'s train/NORMAL: VQ-VAE, then its prior; the best checkpoint. With `reuse`, a run in
+    `work` is kept (an interrupted or shorter one continued to --epochs: the learning rate is constant) and its prior
+    too."""
+    ckpts = sorted((work / "runs").glob("*/last.ckpt"))
     train = ["--data_root", str(data), "--output_dir", str(work / "runs"), "--epochs", str(args.epochs),
              "--image_size", str(args.image_size), "--batch_size", str(args.batch_size), "--seed", str(args.seed),
              "--device", args.device, "--num_workers", "0", "--cache_dir", str(work / "cache"),
@@ -146,8 +147,9 @@ def train_recipe(data: Path, work: Path, args: argparse.Namespace, log: Path, re
         shutil.rmtree(work / "runs", ignore_errors=True)
         cli("training.train", *train, log=log)
         retrained = True
-    elif (done := json.loads((ckpts[-1].parent / "summary.json").read_text()))["epochs_run"] < args.epochs \
-            and not done["stopped_early"]:
+    elif not (summary := ckpts[-1].parent / "summary.json").is_file() or (
+            (done := json.loads(summary.read_text()))["epochs_run"] < args.epochs and not done["stopped_early"]):
+        # Interrupted, or shorter: continue it to --epochs.
         cli("training.train", "--resume", str(ckpts[-1].parent), *train, log=log)
         retrained = True
     ckpt = sorted((work / "runs").glob("*/best-*.ckpt"))[-1]

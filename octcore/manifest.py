@@ -25,8 +25,10 @@ from octcore.preprocess import Preprocessing
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.pt"
 # 2: a typed, strict `preprocessing`; calibration `tail` (fitted threshold, frame-count-aware volume threshold).
+# 3: preprocessing `region` (the whole scan, or the retina band) and the band's rows; a format-2 manifest reads as
+# region `scan` (`Preprocessing.from_dict`).
 # A reader refuses a manifest newer than itself: it could not know what the newer fields ask it to do.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 class ModelStoreError(Exception):
@@ -42,7 +44,7 @@ class InputSpec(BaseModel):
 
 class ScoreSpec(BaseModel):
     description: str
-    # The scorer output holding this score's spatial evidence (None for combined scores).
+    # The scorer output holding this score's spatial evidence (None for a score that summarises others).
     map: str | None = None
     higher_is_anomalous: bool = True
 
@@ -191,15 +193,18 @@ class Manifest(BaseModel):
             raise ModelStoreError("preprocessing.size differs from input.size")
 
 
-def default_overlay(primary: str, scores: dict[str, ScoreSpec]) -> str | None:
-    """The score whose heatmap is shown first: the primary's own map; for a primary without one (`combined`),
-    `fused`, whose map localises lesions best (pixel AUROC 0.950-0.959 on the demo phantom against at most 0.923 for
-    any single map, docs/quality.md); else the first score with a map. None without maps."""
+def default_overlay(primary: str, scores: dict[str, ScoreSpec], preferred: list[str] | tuple[str, ...] = ()) -> (
+        str | None):
+    """The score whose heatmap is shown first: the primary's own map; for a primary without one, the first of
+    `preferred` that has a map (the exporting scorer's declared overlay: its best localiser); else the first score
+    with a map. None without maps. A manifest written before `overlay_score` existed gets the same rule without
+    `preferred`."""
     mapped = [k for k, s in scores.items() if s.map]
     if primary in mapped:
         return primary
-    if "fused" in mapped:
-        return "fused"
+    for k in preferred:
+        if k in mapped:
+            return k
     return mapped[0] if mapped else None
 
 

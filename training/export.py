@@ -45,20 +45,18 @@ from training.model import VQVAE
 from training.prior import GatedPixelCNN, find_prior_checkpoint, load_prior_checkpoint
 from training.scorer import (
     ALM_TOP_FRACTION,
-    COMBINED_OF,
-    FUSED_OF,
-    MAPS,
-    PRIOR_FUSED_OF,
-    PRIOR_MAPS,
-    PRIOR_SCORE_DESCRIPTIONS,
-    PRIOR_SCORE_MAPS,
-    RESTORE_MAPS,
-    RESTORE_SCORE_DESCRIPTIONS,
-    RESTORE_SCORE_MAPS,
-    SCORE_DESCRIPTIONS,
-    SCORE_MAPS,
+    COMBINED_TERM,
+    NORMALISED,
+    OVERLAY,
+    PREFERRED,
+    Needs,
     PriorScorer,
     Scorer,
+    declared,
+    describe,
+    fused_maps,
+    map_outputs,
+    with_role,
     zscore_mean,
 )
 
@@ -134,35 +132,28 @@ def resolve_checkpoint(model_dir: str) -> Path:
 def build_scorer(ckpt: dict, top_fraction: float, use_prior: bool = True, restore_samples: int = 0,
                  restore_max_positions: int = 64, nll_top_fraction: float = 0.05,
                  ) -> tuple[Scorer | PriorScorer, dict[str, ScoreSpec], list[str]]:
-    """The eager scorer plus the score and map definitions the manifest declares for it. Includes the run's latent
-    prior when it has one (and `use_prior`); its `combined` score needs `fit_combined` before it means anything."""
+    """The eager scorer plus the score and map definitions the manifest declares for it (from the scorer's own
+    declarations, `training.scorer.SCORES`). Includes the run's latent prior when it has one (and `use_prior`); its
+    normalised scores need `fit_combined` before they mean anything."""
     model = VQVAE.from_checkpoint(ckpt)
-    scorer = Scorer(model, top_fraction).eval()
-    specs = {k: ScoreSpec(description=SCORE_DESCRIPTIONS[k].format(
-        top=top_fraction, alm_top=ALM_TOP_FRACTION, bank=MEMORY_BANK_SIZE, fused_of=", ".join(FUSED_OF)),
-        map=SCORE_MAPS[k]) for k in SCORE_MAPS}
+    scorer: Scorer | PriorScorer = Scorer(model, top_fraction).eval()
+    params: dict[str, object] = {"top": top_fraction, "alm_top": ALM_TOP_FRACTION, "bank": MEMORY_BANK_SIZE,
+                                 "nll_top": nll_top_fraction, "combined_of": ", ".join(with_role(COMBINED_TERM))}
+    level: Needs = "vqvae"
     prior_path = find_prior_checkpoint(Path(ckpt["path"])) if use_prior and "path" in ckpt else None
-    if prior_path is None:
-        return scorer, specs, list(MAPS)
-    if restore_samples < 0 or restore_max_positions < 1 or not 0 < nll_top_fraction <= 1:
-        raise ExportError("--restore_samples must be >= 0, --restore_max_positions >= 1 and "
-                         "--nll_top_fraction in (0, 1]")
-    pckpt = load_prior_checkpoint(prior_path, ckpt)
-    threshold = float(pckpt["position_nll"]["threshold"])
-    prior_scorer = PriorScorer(scorer, GatedPixelCNN.from_checkpoint(pckpt), threshold, nll_top_fraction,
-                               restore_samples, restore_max_positions).eval()
-    of = ", ".join(COMBINED_OF)
-    specs |= {k: ScoreSpec(description=d.format(nll_top=nll_top_fraction, of=of), map=PRIOR_SCORE_MAPS.get(k))
-              for k, d in PRIOR_SCORE_DESCRIPTIONS.items()}
-    specs["fused"] = ScoreSpec(description=SCORE_DESCRIPTIONS["fused"].format(
-        top=top_fraction, fused_of=", ".join(PRIOR_FUSED_OF)), map="fused_map")
-    maps = [*MAPS, *PRIOR_MAPS]
-    if restore_samples > 0:
-        specs |= {k: ScoreSpec(description=d.format(top=top_fraction, n=restore_samples, thr=threshold,
-                                                   max_pos=restore_max_positions), map=RESTORE_SCORE_MAPS[k])
-                  for k, d in RESTORE_SCORE_DESCRIPTIONS.items()}
-        maps += RESTORE_MAPS
-    return prior_scorer, specs, maps
+    if prior_path is not None:
+        if restore_samples < 0 or restore_max_positions < 1 or not 0 < nll_top_fraction <= 1:
+            raise ExportError("--restore_samples must be >= 0, --restore_max_positions >= 1 and "
+                              "--nll_top_fraction in (0, 1]")
+        pckpt = load_prior_checkpoint(prior_path, ckpt)
+        threshold = float(pckpt["position_nll"]["threshold"])
+        scorer = PriorScorer(scorer, GatedPixelCNN.from_checkpoint(pckpt), threshold, nll_top_fraction,
+                             restore_samples, restore_max_positions).eval()
+        level = "restore" if restore_samples > 0 else "prior"
+        params |= {"n": restore_samples, "thr": threshold, "max_pos": restore_max_positions}
+    params["fused_of"] = ", ".join(fused_maps(level))
+    specs = {d.name: ScoreSpec(description=describe(d, **params), map=d.map) for d in declared(level)}
+    return scorer, specs, map_outputs(level)
 
 
 def prior_summary(scorer: Scorer | PriorScorer, ckpt: dict) -> dict | None:
@@ -176,7 +167,7 @@ def prior_summary(scorer: Scorer | PriorScorer, ckpt: dict) -> dict | None:
             "position_nll": {k: v for k, v in pckpt["position_nll"].items() if k != "percentiles"},
             "nll_top_fraction": scorer.nll_top_fraction, "restore_samples": scorer.restore_samples,
             "restore_max_positions": scorer.restore_max_positions,
-            "combined_of": list(COMBINED_OF)}
+            "combined_of": with_role(COMBINED_TERM)}
 
 
 def fit_normal_statistics(scorer: Scorer | PriorScorer, ckpt: dict, oct_root: Path, prep: Preprocessing,
@@ -209,18 +200,24 @@ def spec_maps(specs: dict[str, ScoreSpec]) -> list[str]:
 
 
 def fit_combined(scorers: list[torch.nn.Module], normal: ScoredSet) -> None:
-    """Give `combined` its normal statistics (the calibration images' mean and std of each score it combines), in
-    every copy of the scorer (eager and scripted), then fill in the calibration images' own `combined` with the
-    same function the scorer runs."""
-    mean = torch.tensor([float(normal.scores[k].mean()) for k in COMBINED_OF])
+    """Give the normalised scores (`combined`) their normal statistics (the calibration images' mean and std of each
+    score they combine), in every copy of the scorer (eager and scripted), then fill in the calibration images' own
+    normalised scores with the same function the scorer runs."""
+    terms = with_role(COMBINED_TERM)
+    mean = torch.tensor([float(normal.scores[k].mean()) for k in terms])
     # Floor: a score that is constant on normals (float noise only) must not turn that noise into huge z-scores.
-    std = torch.maximum(torch.tensor([float(normal.scores[k].std()) for k in COMBINED_OF]), 1e-6 * mean.abs())
+    std = torch.maximum(torch.tensor([float(normal.scores[k].std()) for k in terms]), 1e-6 * mean.abs())
     std = std.clamp_min(1e-12)
     for s in scorers:
         s.normal_mean.copy_(mean)
         s.normal_std.copy_(std)
-    normal.scores["combined"] = zscore_mean([torch.from_numpy(normal.scores[k]).float() for k in COMBINED_OF],
-                                            mean, std).numpy()
+    for k in normalised(normal.scores):
+        normal.scores[k] = zscore_mean([torch.from_numpy(normal.scores[t]).float() for t in terms], mean, std).numpy()
+
+
+def normalised(scores: dict | list) -> list[str]:
+    """The names among `scores` that need `fit_combined`."""
+    return [k for k in with_role(NORMALISED) if k in scores]
 
 
 def calibration_files(ckpt: dict, oct_root: Path) -> list[Path]:
@@ -241,11 +238,11 @@ def held_out_abnormal(oct_root: Path, max_n: int, seed: int) -> list[Path]:
     return sorted(random.Random(seed).sample(files, max_n))
 
 
-# The score served when the run's own evidence does not clearly say otherwise. On real Kermany scans (patient-wise
-# folds of bench/bench_real.py, no abnormal scan trained on) `fused` separated NORMAL from the rest best of all scores
-# (0.933 against combined 0.893 and nll 0.850); on the demo phantom it equalled the best (0.958, as combined:
-# bench/bench_quality.py). A score that wins on one data set only is a poor default for the next one.
-PREFERRED_SCORE = "fused"
+# The score served when the run's own evidence does not clearly say otherwise (its role in training.scorer). On real
+# Kermany scans (patient-wise folds of bench/bench_real.py, no abnormal scan trained on) it separated NORMAL from the
+# rest best of all scores; on the demo phantom it equalled the best (bench/bench_quality.py). A score that wins on one
+# data set only is a poor default for the next one.
+PREFERRED_SCORE = with_role(PREFERRED)[0]
 
 
 def choose_primary(evaluation: dict[str, dict], specs: dict[str, ScoreSpec], requested: str | None) -> str:
@@ -326,7 +323,7 @@ def export(args: argparse.Namespace) -> Path:
     score_names, map_names = list(specs), spec_maps(specs)
     normal = score_files(scripted, val_files, prep, score_names, map_names, args.batch_size, device,
                          desc="calibrating")
-    if "combined" in specs:
+    if normalised(specs):
         fit_combined([scorer, scripted], normal)
     calibration = {k: calibrate(normal.scores[k], args.threshold_percentile, normal.map_samples.get(specs[k].map),
                                 args.threshold_fit, args.volume_window, args.volume_percentile) for k in score_names}
@@ -365,7 +362,8 @@ def export(args: argparse.Namespace) -> Path:
             name=args.name, version=version, sha256=sha256_file(tmp / MODEL_FILE), torch_version=torch.__version__,
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             input=InputSpec(size=prep.size), preprocessing=prep.to_dict(), maps=maps, scores=specs,
-            primary_score=primary, overlay_score=default_overlay(primary, specs), calibration=calibration,
+            primary_score=primary, overlay_score=default_overlay(primary, specs, with_role(OVERLAY)),
+            calibration=calibration,
             training=training_summary(ckpt, ckpt_path) | ({"prior": prior} if prior else {}),
             evaluation={"held_out": evaluation, "held_out_evidence": evidence,
                         "primary_score_rule": f"highest held-out AUROC; {PREFERRED_SCORE} when within one standard "

@@ -34,6 +34,7 @@ from training.export import (
     calibration_files,
     fit_combined,
     fit_normal_statistics,
+    normalised,
     resolve_checkpoint,
     spec_maps,
 )
@@ -108,9 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     fit_normal_statistics(scorer, ckpt, oct_root, prep, device, args.batch_size)
     score_names = list(specs)
     map_names = spec_maps(specs)
-    if "combined" in specs:  # its normal statistics come from the calibration images, as in export
+    if normalised(specs):  # their normal statistics come from the calibration images, as in export
         normal = score_files(scorer, calibration_files(ckpt, oct_root), prep, [k for k in score_names
-                             if k != "combined"], [], args.batch_size, device, args.num_workers, desc="normal stats")
+                             if k not in normalised(specs)], [], args.batch_size, device, args.num_workers,
+                             desc="normal stats")
         fit_combined([scorer], normal)
     out_dir = Path(args.output) if args.output else ckpt_path.parent / "inference"
     out_dir.mkdir(parents=True, exist_ok=True)

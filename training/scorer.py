@@ -6,6 +6,9 @@ the service, so what was evaluated is what is served. A run with a latent prior 
 the same `Scorer` and adds the prior's outputs; a run without one exports `Scorer` unchanged.
 """
 
+from dataclasses import dataclass
+from typing import Literal
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -14,21 +17,6 @@ from torch import Tensor, nn
 from training.model import VQVAE
 from training.prior import GatedPixelCNN
 
-MAPS = ["reconstruction", "residual_map", "alm_map", "fused_map"]
-SCORE_DESCRIPTIONS = {
-    "residual": "mean of the top {top:.1%} pixels of residual_map = sqrt(G * (x - x_hat)^2), the local RMS "
-                "reconstruction error in a Gaussian window G of sigma = S/64 pixels (model input units)",
-    "residual_contrast": "residual_map inside a frame of S/16 pixels: the mean of its top {top:.1%} minus its own "
-                         "95th percentile there (the scan's typical layer-boundary error)",
-    "alm": "mean of the top {alm_top:.0%} latent positions of alm_map: the distance of the encoder's features "
-           "(before the quantizer) to the nearest of {bank} feature vectors of normal training scans (a coreset)",
-    "alm_raw": "the original alignment loss: mean of the top {top:.1%} latent positions of mean_c (z_e - z_q)^2",
-    "fused": "mean of the top {top:.1%} pixels of fused_map: the mean of {fused_of}, each divided by its 99.5th "
-             "percentile on normal training scans, inside a frame of S/16 pixels (0 outside)",
-}
-# residual_contrast reads residual_map, but a map entry would make the service render that heatmap twice.
-SCORE_MAPS = {"residual": "residual_map", "residual_contrast": None, "alm": "alm_map", "alm_raw": None,
-              "fused": "fused_map"}
 BANK_CHUNK_ROWS = 4096  # latent positions per distance matmul (4 images at 128 px): 64 MB with a 4,096-vector bank
 # The ALM map is 1/16 the pixels of the image: 1 % of a 32x32 grid is 10 positions, too few to be stable.
 ALM_TOP_FRACTION = 0.05
@@ -39,29 +27,105 @@ FRAME_FRACTION = 1.0 / 16
 # residual_contrast subtracts the scan's own (1 - this) quantile of residual_map: its layer-boundary error level.
 CONTRAST_BASE_FRACTION = 0.05
 FUSED_SCALE_PERCENTILE = 99.5
-FUSED_OF = ["residual_map", "alm_map"]  # the prior adds nll_map (PRIOR_FUSED_OF)
 
-# With a prior. `combined` has no map of its own: it summarises the others.
-PRIOR_MAPS = ["nll_map"]
-PRIOR_SCORE_DESCRIPTIONS = {
-    "nll": "mean of the top {nll_top:.1%} latent positions of the prior's map -log p(code | codes before it in "
-           "raster order) (nats); nll_map is that per-position NLL, bilinearly upsampled to the image",
-    "combined": "mean over {of} of (score - normal mean) / normal std, the normal statistics being those of the "
-                "calibration images (computed inside the scorer)",
-}
-PRIOR_SCORE_MAPS = {"nll": "nll_map"}
-PRIOR_FUSED_OF = [*FUSED_OF, "nll_map"]
-# The contrast score finds drusen, the fused map's top (residual, ALM and NLL maps) finds DME: on the demo's held-out
-# scans this pair separated best of the combinations tried (0.970, against 0.892 for the former residual, alm, nll;
-# docs/quality.md).
-COMBINED_OF = ["residual_contrast", "fused"]
-RESTORE_MAPS = ["restoration", "restored_residual_map"]
-RESTORE_SCORE_DESCRIPTIONS = {
-    "restored_residual": "mean of the top {top:.1%} pixels of |x - x_r| averaged over {n} restorations x_r: the "
-                         "codes whose NLL exceeds {thr:.3g} nats (at most {max_pos} per image, the highest) are "
-                         "redrawn from the prior in raster order and decoded",
-}
-RESTORE_SCORE_MAPS = {"restored_residual": "restored_residual_map"}
+Needs = Literal["vqvae", "prior", "restore"]
+# Roles a score can play beyond being a candidate for the served score:
+PREFERRED = "preferred"  # served when a run's own evidence does not clearly point to another score (export)
+OVERLAY = "overlay"  # its map is shown first when the served score has none (export writes overlay_score)
+FUSED_TERM = "fused term"  # its map is a term of the fused map
+COMBINED_TERM = "combined term"  # a term of the combined z-score
+NORMALISED = "normalised"  # needs the calibration images' statistics fitted into the scorer (`fit_combined`)
+
+
+@dataclass(frozen=True)
+class ScoreDecl:
+    """One score a scorer emits, declared once: export writes the manifest's score table from these, evaluation and
+    the README's table read them, and the scorers' outputs carry exactly these names."""
+
+    name: str
+    summary: str  # what it measures, for a reader (README)
+    description: str  # how it is computed (the manifest), a template filled by `describe`
+    map: str | None  # the output holding its spatial evidence, rendered as a heatmap; None: no map of its own
+    needs: Needs = "vqvae"
+    roles: frozenset[str] = frozenset()
+
+
+SCORES: tuple[ScoreDecl, ...] = (
+    ScoreDecl("residual", "what the decoder cannot reproduce from normal codes: the local RMS error at the scale of "
+              "the retina's layers (speckle averages out, a lesion does not)",
+              "mean of the top {top:.1%} pixels of residual_map = sqrt(G * (x - x_hat)^2), the local RMS "
+              "reconstruction error in a Gaussian window G of sigma = S/64 pixels (model input units)",
+              "residual_map", roles=frozenset({FUSED_TERM})),
+    # It reads residual_map, but a map entry would make the service render that heatmap twice.
+    ScoreDecl("residual_contrast", "the residual's top away from the image edges minus the scan's own 95th "
+              "percentile there: the decoder's edge error and a scan's overall error level cancel, a lesion stands "
+              "out", "residual_map inside a frame of S/16 pixels: the mean of its top {top:.1%} minus its own 95th "
+              "percentile there (the scan's typical layer-boundary error)", None, roles=frozenset({COMBINED_TERM})),
+    ScoreDecl("alm", "how unlike the normal training scans each region looks to the encoder: distance of its "
+              "features to the nearest of 4,096 normal ones stored in the scorer",
+              "mean of the top {alm_top:.0%} latent positions of alm_map: the distance of the encoder's features "
+              "(before the quantizer) to the nearest of {bank} feature vectors of normal training scans (a coreset)",
+              "alm_map", roles=frozenset({FUSED_TERM})),
+    ScoreDecl("alm_raw", "the original alignment loss, kept for comparison",
+              "the original alignment loss: mean of the top {top:.1%} latent positions of mean_c (z_e - z_q)^2",
+              None),
+    # Each map errs in its own places on normal tissue, so their mean localises lesions better than any one of them.
+    ScoreDecl("fused", "the residual, ALM and NLL maps in one, each over its normal 99.5th percentile: the best "
+              "localiser", "mean of the top {top:.1%} pixels of fused_map: the mean of {fused_of}, each divided by "
+              "its 99.5th percentile on normal training scans, inside a frame of S/16 pixels (0 outside)",
+              "fused_map", roles=frozenset({PREFERRED, OVERLAY, COMBINED_TERM})),
+    ScoreDecl("nll", "codes a PixelCNN prior over normal code grids finds unlikely (when the run trained a prior)",
+              "mean of the top {nll_top:.1%} latent positions of the prior's map -log p(code | codes before it in "
+              "raster order) (nats); nll_map is that per-position NLL, bilinearly upsampled to the image",
+              "nll_map", needs="prior", roles=frozenset({FUSED_TERM})),
+    # The contrast score finds drusen, the fused map's top finds DME: on the demo's held-out scans this pair separated
+    # best of the combinations tried (0.970, against 0.892 for the former residual, alm, nll; docs/quality.md).
+    ScoreDecl("combined", "mean of the z-scores of `residual_contrast` and `fused` against the normal calibration "
+              "scans", "mean over {combined_of} of (score - normal mean) / normal std, the normal statistics being "
+              "those of the calibration images (computed inside the scorer)", None, needs="prior",
+              roles=frozenset({NORMALISED})),
+    ScoreDecl("restored_residual", "what remains after the prior redraws unlikely codes and the decoder draws them "
+              "(`--restore_samples`, slow)", "mean of the top {top:.1%} pixels of |x - x_r| averaged over {n} "
+              "restorations x_r: the codes whose NLL exceeds {thr:.3g} nats (at most {max_pos} per image, the "
+              "highest) are redrawn from the prior in raster order and decoded", "restored_residual_map",
+              needs="restore"),
+)
+# Outputs that are maps without being a score's evidence: the decoder's reconstruction, the prior's restoration.
+EXTRA_MAPS: dict[str, list[str]] = {"vqvae": ["reconstruction"], "prior": [], "restore": ["restoration"]}
+_LEVELS: dict[str, tuple[str, ...]] = {"vqvae": ("vqvae",), "prior": ("vqvae", "prior"),
+                                       "restore": ("vqvae", "prior", "restore")}
+
+
+def declared(level: Needs) -> list[ScoreDecl]:
+    """The scores of a scorer with `level`: the VQ-VAE alone, with its prior, with prior restoration."""
+    return [d for d in SCORES if d.needs in _LEVELS[level]]
+
+
+def with_role(role: str, level: Needs = "restore") -> list[str]:
+    """The names of the scores (of a scorer with `level`) that play `role`, in declaration order."""
+    return [d.name for d in declared(level) if role in d.roles]
+
+
+def map_outputs(level: Needs) -> list[str]:
+    """Every map output of a scorer with `level`, each once: extra maps first, then the scores' in their order."""
+    extra = [m for k in _LEVELS[level] for m in EXTRA_MAPS[k]]
+    return list(dict.fromkeys([extra[0], *(d.map for d in declared(level) if d.map), *extra[1:]]))
+
+
+def fused_maps(level: Needs) -> list[str]:
+    """The maps fused_map averages in a scorer with `level`."""
+    return [d.map for d in declared(level) if FUSED_TERM in d.roles and d.map]
+
+
+def describe(decl: ScoreDecl, **params: object) -> str:
+    """The manifest's description of `decl` with this scorer's numbers filled in (unused parameters are ignored)."""
+    return decl.description.format(**params)
+
+
+def readme_table() -> str:
+    """The README's score table (a test keeps README.md equal to it)."""
+    rows = [f"| `{d.name}` | {d.summary} |" for d in SCORES if d.needs != "restore"]
+    return "\n".join(["| score | what it measures |", "|---|---|", *rows])
 
 
 def top_fraction_mean(m: Tensor, fraction: float) -> Tensor:
@@ -178,9 +242,9 @@ class Scorer(nn.Module):
         self.frame_fraction = FRAME_FRACTION
         self.contrast_base_fraction = CONTRAST_BASE_FRACTION
         self.register_buffer("memory_bank", torch.zeros(0, model.cfg.n_hiddens))
-        self.fused_of = list(FUSED_OF)
+        self.fused_of = fused_maps("vqvae")
         # The normal 99.5th percentile of each map in `fused_of` (`fit_fused_scale`); 1 until fitted.
-        self.register_buffer("fused_scale", torch.ones(len(FUSED_OF)))
+        self.register_buffer("fused_scale", torch.ones(len(self.fused_of)))
 
     def features(self, x: Tensor) -> Tensor:
         """x (B, 1, S, S) → encoder features before the projection into the code space (B, C, S/4, S/4)."""
@@ -262,13 +326,13 @@ class PriorScorer(nn.Module):
         self.position_threshold = position_threshold
         self.restore_samples = restore_samples
         self.restore_max_positions = restore_max_positions
-        self.combined_of = list(COMBINED_OF)
+        self.combined_of = with_role(COMBINED_TERM)
         # Normal statistics of the combined scores; export and evaluation fit them on the calibration images.
-        self.register_buffer("normal_mean", torch.zeros(len(COMBINED_OF)))
-        self.register_buffer("normal_std", torch.ones(len(COMBINED_OF)))
+        self.register_buffer("normal_mean", torch.zeros(len(self.combined_of)))
+        self.register_buffer("normal_std", torch.ones(len(self.combined_of)))
         # The prior's fused_map replaces the base's: nll_map joins it (pixel AUROC 0.950 vs 0.936 on the demo).
-        self.fused_of = list(PRIOR_FUSED_OF)
-        self.register_buffer("fused_scale", torch.ones(len(PRIOR_FUSED_OF)))
+        self.fused_of = fused_maps("prior")
+        self.register_buffer("fused_scale", torch.ones(len(self.fused_of)))
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         out = self.base(x)

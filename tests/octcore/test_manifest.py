@@ -75,11 +75,11 @@ def test_overlay_must_name_a_score_with_a_map(tiny_model, tmp_path: Path) -> Non
             manifest.model_copy(update={"overlay_score": bad}).check_consistent()
 
 
-def test_default_overlay_is_the_primary_map_else_the_fused_map() -> None:
+def test_default_overlay_is_the_primary_map_else_the_preferred_map() -> None:
     mapped = {k: ScoreSpec(description=k, map=f"{k}_map") for k in ("residual", "alm", "fused")}
     scores = {**mapped, "residual_contrast": ScoreSpec(description="", map=None),
               "combined": ScoreSpec(description="", map=None)}
-    assert default_overlay("alm", scores) == "alm"
-    assert default_overlay("combined", scores) == "fused"
-    assert default_overlay("combined", {k: v for k, v in scores.items() if k != "fused"}) == "residual"
-    assert default_overlay("combined", {"combined": scores["combined"]}) is None
+    assert default_overlay("alm", scores, ["fused"]) == "alm"
+    assert default_overlay("combined", scores, ["fused"]) == "fused"
+    assert default_overlay("combined", {k: v for k, v in scores.items() if k != "fused"}, ["fused"]) == "residual"
+    assert default_overlay("combined", {"combined": scores["combined"]}, ["fused"]) is None

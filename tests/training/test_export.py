@@ -23,7 +23,7 @@ def test_hanley_mcneil_standard_error_by_hand() -> None:
 
 def test_the_preferred_score_wins_within_one_standard_error_of_the_best() -> None:
     """71 + 30 scans: residual 0.932 vs fused 0.911 is within noise (SE ≈ 0.025)."""
-    assert PREFERRED_SCORE == "fused"
+    assert PREFERRED_SCORE == "fused"  # the scorer declares it (training/scorer.py, role "preferred")
     held = _held_out(residual=0.932, alm=0.855, nll=0.824, fused=0.911, combined=0.92)
     assert choose_primary(held, SPECS, None) == "fused"
 

@@ -23,7 +23,7 @@ from training.checkpoint import CheckpointError, load_checkpoint
 from training.export import auroc_standard_error, build_scorer
 from training.model import VQVAE
 from training.prior import GatedPixelCNN, PriorConfig, find_prior_checkpoint, load_prior_checkpoint
-from training.scorer import COMBINED_OF, PriorScorer, Scorer, top_fraction_mean
+from training.scorer import COMBINED_TERM, PriorScorer, Scorer, top_fraction_mean, with_role
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "service"))
@@ -175,7 +175,7 @@ def test_scorer_with_prior_loads_without_training_and_nll_matches_eager_prior(ti
     np.testing.assert_allclose(nll_map[:, :, 1::4, 1::4].mean(), nll.mean().item(), rtol=0.05)
     # The combined score is what the manifest says: the mean z-score of its parts against normal statistics.
     cal = manifest.calibration
-    z = np.mean([(np.asarray(served[k]) - cal[k].mean) / cal[k].std for k in COMBINED_OF], axis=0)
+    z = np.mean([(np.asarray(served[k]) - cal[k].mean) / cal[k].std for k in with_role(COMBINED_TERM)], axis=0)
     np.testing.assert_allclose(served["combined"], z, rtol=1e-3, atol=1e-3)
 
 

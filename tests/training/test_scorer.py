@@ -3,11 +3,13 @@ the fused map."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from script_roundtrip import script_roundtrip
 
 from training.model import VQVAE, VQVAEConfig
-from training.scorer import Scorer, coreset, frame_contrast, gaussian_blur
+from training.scorer import Scorer, coreset, declared, frame_contrast, gaussian_blur, map_outputs, readme_table
 
 CFG = VQVAEConfig(n_hiddens=16, n_residual_hiddens=8, n_residual_layers=1, embedding_dim=8, n_embeddings=16)
 
@@ -105,3 +107,20 @@ def test_fused_map_reads_one_at_the_normal_top_and_zero_on_the_frame() -> None:
     for k, scale in zip(("residual_map", "alm_map"), scorer.fused_scale, strict=True):
         top = torch.quantile(out[k][..., 2:-2, 2:-2].flatten(), 0.995)
         assert abs(float(top / scale) - 1.0) < 1e-3
+
+
+def test_readme_score_table_is_the_scorers_declaration() -> None:
+    """The README's table of scores comes from the one declaration export, evaluation and the service read."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert readme_table() in readme
+
+
+def test_declared_scores_are_what_the_scorer_emits() -> None:
+    """Every declared score of a VQ-VAE-only scorer, and its map, is an output; nothing else is a score."""
+    with torch.no_grad():
+        out = _scorer()(torch.zeros(2, 1, 32, 32))
+    names = [d.name for d in declared("vqvae")]
+    assert all(out[k].shape == (2,) for k in names)
+    assert set(map_outputs("vqvae")) <= set(out)
+    scalar = {k for k, v in out.items() if v.dim() == 1}
+    assert scalar == set(names)
