@@ -36,7 +36,8 @@ def test_pooled_folders_keep_each_content_once_and_every_name_unique(tmp_path: P
     assert [s.name for s in pooled if s.cls == "CNV"] == ["CNV-7-1.jpeg", "CNV-7-1b.jpeg"]
     assert next(s for s in pooled if s.name == "CNV-7-1b.jpeg").path == b / "CNV" / "CNV-7-1.jpeg"
     assert {s.protocol for s in pooled} == {"12x8"}
-    assert next(s for s in pooled if s.name.startswith("normal_train")).patient == "block-49"  # 1234 // 25: numbered copies are grouped in blocks
+    numbered = next(s for s in pooled if s.name.startswith("normal_train"))
+    assert numbered.patient == "block-49"  # 1234 // 25: numbered copies are grouped in blocks
 
 
 def test_numbered_copies_report_by_block_and_a_guard_keeps_neighbours_out() -> None:

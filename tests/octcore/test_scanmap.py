@@ -49,7 +49,7 @@ def test_outside_the_band_is_zero_and_a_shifted_column_moves_with_its_top() -> N
 def test_a_mask_follows_the_band() -> None:
     """A lesion mask given over the scan lands where the lesion's pixels land in the input."""
     g = gray("DRUSEN-228939-1.jpeg")
-    x, geo = preprocess_gray(g, CFG)
+    geo = preprocess_gray(g, CFG)[1]
     mask = np.zeros(g.shape, np.float32)
     x0, y0, _, _ = geo.box
     assert geo.retina is not None
