@@ -105,7 +105,8 @@ def _clean(ds: Dataset, printable: Callable[[str], bool], prefix: str, repairs: 
             ok, fixed = False, None
         if fixed is not None:
             ds[tag] = fixed
-            repairs.repaired.append(name)
+            if name not in repairs.repaired:  # once, however many items of a sequence had it
+                repairs.repaired.append(name)
         elif not ok and prefix:
             unfixable = True
         elif not ok:

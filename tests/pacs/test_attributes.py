@@ -133,3 +133,13 @@ def test_patient_sex_takes_its_enumerated_values_only(written: str, expected: st
 def test_a_character_set_declared_lets_its_characters_through() -> None:
     assert _fix("PN", "Müller^Anna", "PatientName", str.isprintable) == "Müller^Anna"
     assert _fix("PN", "Müller^Anna", "PatientName", _ascii_printable) is None
+
+
+def test_a_repair_in_every_item_of_a_sequence_is_named_once() -> None:
+    """128 frames' functional groups with the same over-long DS (pydicom writes 0.05 × 3 with 19 characters) are
+    one repair, not 128: the report names keywords, not items."""
+    ds = decode_dicom(to_bytes(conformant_oct(phantom_frames(8, 16, 16)))).dataset
+    repairs = prepare_source(ds)
+    assert repairs.repaired == ["PerFrameFunctionalGroupsSequence>PlanePositionSequence>ImagePositionPatient"]
+    positions = [item.PlanePositionSequence[0].ImagePositionPatient for item in ds.PerFrameFunctionalGroupsSequence]
+    assert all(len(str(v)) <= 16 for p in positions for v in p) and float(positions[3][1]) == pytest.approx(0.15)
