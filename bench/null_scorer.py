@@ -1,6 +1,6 @@
 """A scorer that costs almost nothing, built from a real export's manifest, so the service's own cost shows.
 
-    python bench/null_scorer.py model_store/oct-vqvae/1 /tmp/nullstore --size 256   # writes /tmp/nullstore/null/1/
+    python bench/null_scorer.py model_store/vqvae/1 /tmp/nullstore --size 256   # writes /tmp/nullstore/null/1/
 
 Same output names as the template (every map and score of its manifest), maps at `--size`², values that follow the
 input (so PNG heatmaps cost what real maps cost), as in the acceptance fixture that measures the service's own cost.

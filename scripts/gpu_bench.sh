@@ -2,7 +2,7 @@
 # The GPU numbers in one run: img/s with p50/p99 at 256² with heatmaps (bench_service.py --device cuda),
 # the CPU cost per request with a null scorer, and scaling over worker processes. Writes bench/results/gpu-<date>.txt.
 #
-#   bash scripts/gpu_bench.sh model_store/oct-vqvae/1 [WORKERS]     # a 256² export (the CLI defaults); WORKERS default 4
+#   bash scripts/gpu_bench.sh model_store/vqvae/1 [WORKERS]     # a 256² export (the CLI defaults); WORKERS default 4
 #
 # Needs CUDA, the project's .venv and ~10 minutes. Nothing is asserted: copy the tables into the README.
 set -euo pipefail

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import torch
 
+from training.errors import TrainingError
 
-class CheckpointError(Exception):
+
+class CheckpointError(TrainingError):
     """A file is not a usable checkpoint of this project. `str()` is a one-line reason; the command-line entry
     points turn it into a message and a non-zero exit."""
 

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from octcore.preprocess import NoRetinaError, Preprocessing, preprocess
 from training import distributed as dist
+from training.errors import TrainingError
 
 CLASSES = ("NORMAL", "CNV", "DME", "DRUSEN")
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
@@ -33,7 +34,7 @@ DATA_ROOT_ENV = "OCT_DATA_ROOT"
 DEFAULT_WORKERS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-class DataError(Exception):
+class DataError(TrainingError):
     """The dataset folder is missing or does not have the expected layout."""
 
 

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from training.errors import TrainingError
+
 
 def init_from_env(device: torch.device) -> torch.device:
     """Join the process group torchrun describes; returns this rank's device (cuda:LOCAL_RANK on GPUs).
@@ -62,8 +64,7 @@ def rank_batch(global_batch: int) -> int:
     """This rank's share of `--batch_size`, which stays the global batch: N ranks take the same optimiser steps
     (same learning rate, same number of steps per epoch) as one process."""
     if global_batch % world_size():
-        raise SystemExit(f"error: --batch_size {global_batch} (the global batch) must divide by the "
-                         f"{world_size()} ranks")
+        raise TrainingError(f"--batch_size {global_batch} (the global batch) must divide by the {world_size()} ranks")
     return global_batch // world_size()
 
 

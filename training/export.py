@@ -1,6 +1,6 @@
 """Export a trained checkpoint as a calibrated TorchScript scorer into a model store.
 
-    python -m training.export --model_dir saved_models/<run>/best-*.ckpt --model_store model_store --name oct-vqvae
+    python -m training.export --model_dir saved_models/<run>/best-*.ckpt --model_store model_store --name vqvae
 
 Writes `<model_store>/<name>/<version>/{model.pt, manifest.json}`; the version folder appears atomically (built
 beside it, then renamed), so a service watching the store never sees half an export. When the run has a latent prior
@@ -38,8 +38,9 @@ from octcore.manifest import (
     write_manifest,
 )
 from octcore.preprocess import Preprocessing
-from training.checkpoint import CheckpointError, load_checkpoint
+from training.checkpoint import load_checkpoint
 from training.data import CLASSES, DEFAULT_WORKERS, DataError, OCTImages, list_images, load_image, resolve_data_root
+from training.errors import TrainingError, run_main
 from training.evaluate import ScoredSet, calibrate, score_files, separation
 from training.model import VQVAE
 from training.prior import GatedPixelCNN, find_prior_checkpoint, load_prior_checkpoint
@@ -61,7 +62,7 @@ from training.scorer import (
 )
 
 
-class ExportError(Exception):
+class ExportError(TrainingError):
     """The checkpoint, data or arguments cannot make a valid model version. `str()` is a one-line reason."""
 
 
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model_dir", required=True, help="checkpoint (best-*.ckpt) or its run folder")
     p.add_argument("--model_store", default="model_store")
-    p.add_argument("--name", default="oct-vqvae")
+    p.add_argument("--name", default="vqvae")
     p.add_argument("--version", type=int, default=None, help="default: next integer in the store")
     p.add_argument("--data_root", default=None, help="override the dataset path recorded in the checkpoint")
     p.add_argument("--threshold_percentile", type=float, default=95.0,
@@ -275,12 +276,7 @@ def auroc_standard_error(auroc: float, n_normal: int, n_abnormal: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        export(args)
-    except (ExportError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(lambda: export(args))
 
 
 def export(args: argparse.Namespace) -> Path:

@@ -23,12 +23,12 @@ import numpy as np
 import torch
 
 from octcore.preprocess import Preprocessing
-from training.checkpoint import CheckpointError, load_checkpoint
+from training.checkpoint import load_checkpoint
 from training.data import CLASSES, DataError, list_images, resolve_data_root
 from training.device import pick_device
+from training.errors import run_main
 from training.evaluate import roc, score_files, separation
 from training.export import (
-    ExportError,
     add_prior_args,
     build_scorer,
     calibration_files,
@@ -85,26 +85,22 @@ def lesion_masks(oct_root: Path, split: str, files: dict[str, list[Path]], prep:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_main(lambda: evaluate(args))
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    """The whole evaluation (module docstring). Raises TrainingError with a one-line reason."""
     ckpt_path = resolve_checkpoint(args.model_dir)
-    try:
-        ckpt = load_checkpoint(ckpt_path)
-    except CheckpointError as e:
-        raise SystemExit(f"error: {e}") from None
-    try:
-        oct_root = resolve_data_root(args.data_root or ckpt["train_config"]["data_root"])
-    except DataError as e:
-        raise SystemExit(f"error: {e}") from None
+    ckpt = load_checkpoint(ckpt_path)
+    oct_root = resolve_data_root(args.data_root or ckpt["train_config"]["data_root"])
     files = {c: list_images(oct_root, args.split, c) for c in CLASSES}
     files = {c: f for c, f in files.items() if f}
     if "NORMAL" not in files or len(files) < 2:
-        raise SystemExit(f"error: {oct_root}/{args.split} needs NORMAL and at least one disease folder with images")
+        raise DataError(f"{oct_root}/{args.split} needs NORMAL and at least one disease folder with images")
     device = pick_device(args.device)
     prep = Preprocessing.from_dict(ckpt["preprocessing"])
-    try:
-        scorer, specs, _ = build_scorer(ckpt, args.top_fraction, not args.no_prior, args.restore_samples,
-                                        args.restore_max_positions, args.nll_top_fraction)
-    except (ExportError, CheckpointError) as e:
-        raise SystemExit(f"error: {e}") from None
+    scorer, specs, _ = build_scorer(ckpt, args.top_fraction, not args.no_prior, args.restore_samples,
+                                    args.restore_max_positions, args.nll_top_fraction)
     scorer = scorer.to(device)
     fit_normal_statistics(scorer, ckpt, oct_root, prep, device, args.batch_size)
     score_names = list(specs)
@@ -160,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"(no pixel metrics: {oct_root}/masks/{args.split}/<CLASS>/ holds no lesion mask for every abnormal "
               "scan; the phantom writes them, real data sets have none)")
     print(f"→ {out_dir}")
-    return 0
 
 
 def format_table(table: dict[str, dict], score_names: list[str]) -> str:

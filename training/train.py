@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from octcore.preprocess import Preprocessing
 from training import distributed as dist
-from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_history
+from training.checkpoint import load_checkpoint, save_checkpoint, write_history
 from training.data import (
     DEFAULT_WORKERS,
     Augment,
@@ -41,6 +41,7 @@ from training.data import (
     with_retina,
 )
 from training.device import pick_device
+from training.errors import TrainingError, run_main
 from training.model import VQVAE, VQVAEConfig
 from training.plots import plot_loss_curves
 
@@ -110,7 +111,7 @@ def validate_args(args: argparse.Namespace) -> None:
     ]
     for ok, msg in checks:
         if not ok:
-            raise SystemExit(f"error: {msg}")
+            raise TrainingError(msg)
 
 
 def new_run_dir(output_dir: Path) -> Path:
@@ -178,14 +179,14 @@ def save_latents(model: VQVAE, splits: dict[str, list[Path]], cfg: Preprocessing
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    validate_args(args)
-    torch.manual_seed(args.seed)
-    with dist.session(pick_device(args.device)) as device:
-        try:
+
+    def run() -> None:
+        validate_args(args)
+        torch.manual_seed(args.seed)
+        with dist.session(pick_device(args.device)) as device:
             train(args, device)
-        except CheckpointError as e:
-            raise SystemExit(f"error: {e}") from None
-    return 0
+
+    return run_main(run)
 
 
 def train(args: argparse.Namespace, device: torch.device) -> VQVAE:
@@ -206,13 +207,10 @@ def train(args: argparse.Namespace, device: torch.device) -> VQVAE:
                                                                prep_saved.band_below)
 
     # Data: NORMAL training B-scans only; a seeded, patient-wise validation split.
-    try:
-        oct_root = resolve_data_root(args.data_root)
-    except DataError as e:
-        raise SystemExit(f"error: {e}") from None
+    oct_root = resolve_data_root(args.data_root)
     files = list_images(oct_root, "train", "NORMAL")
     if len(files) < 2:
-        raise SystemExit(f"error: {oct_root}/train/NORMAL holds {len(files)} images; at least 2 are needed")
+        raise DataError(f"{oct_root}/train/NORMAL holds {len(files)} images; at least 2 are needed")
     prep = Preprocessing(size=args.image_size, region=args.input_region, band_above=args.band_above,
                          band_below=args.band_below)
     files, refused = with_retina(files, prep)
@@ -220,7 +218,7 @@ def train(args: argparse.Namespace, device: torch.device) -> VQVAE:
         dist.log(f"data: no retina found in {len(refused)} of {len(files) + len(refused)} NORMAL images (not "
                  f"trained on), e.g. {refused[0].name}")
     if len(files) < 2:
-        raise SystemExit(f"error: a retina was found in {len(files)} of the NORMAL images; at least 2 are needed")
+        raise DataError(f"a retina was found in {len(files)} of the NORMAL images; at least 2 are needed")
     train_files, val_files = split_train_val(files, args.val_fraction, args.seed)
     cache = Path(args.cache_dir) if args.cache_dir else None
     augment = None if args.no_augment else Augment()

@@ -25,8 +25,9 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Tens
 from tqdm import tqdm
 
 from training import distributed as dist
-from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_history
+from training.checkpoint import load_checkpoint, save_checkpoint, write_history
 from training.device import pick_device
+from training.errors import TrainingError, run_main
 from training.export import resolve_checkpoint
 from training.prior import PRIOR_DIR, GatedPixelCNN, PriorConfig, codebook_fingerprint
 
@@ -64,17 +65,17 @@ def validate_args(args: argparse.Namespace) -> None:
     ]
     for ok, msg in checks:
         if not ok:
-            raise SystemExit(f"error: {msg}")
+            raise TrainingError(msg)
 
 
 def load_codes(run_dir: Path, split: str, n_embeddings: int) -> torch.Tensor:
-    """`<run>/latent/<split>_codes.npy` (N, H, W) int16 → long tensor; exits with a message when absent or foreign."""
+    """`<run>/latent/<split>_codes.npy` (N, H, W) int16 → long tensor; TrainingError when absent or foreign."""
     path = run_dir / "latent" / f"{split}_codes.npy"
     if not path.is_file():
-        raise SystemExit(f"error: {path} does not exist; training.train writes latent/ at the end of a run")
+        raise TrainingError(f"{path} does not exist; training.train writes latent/ at the end of a run")
     codes = np.load(path)
     if codes.size and (codes.ndim != 3 or codes.min() < 0 or codes.max() >= n_embeddings):
-        raise SystemExit(f"error: {path} does not hold (N, H, W) code grids in [0, {n_embeddings})")
+        raise TrainingError(f"{path} does not hold (N, H, W) code grids in [0, {n_embeddings})")
     return torch.from_numpy(codes.astype(np.int64))
 
 
@@ -114,14 +115,14 @@ def position_nlls(prior: GatedPixelCNN, codes: torch.Tensor, batch_size: int, de
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    validate_args(args)
-    torch.manual_seed(args.seed)
-    with dist.session(pick_device(args.device)) as device:
-        try:
+
+    def run() -> None:
+        validate_args(args)
+        torch.manual_seed(args.seed)
+        with dist.session(pick_device(args.device)) as device:
             train(args, device)
-        except CheckpointError as e:
-            raise SystemExit(f"error: {e}") from None
-    return 0
+
+    return run_main(run)
 
 
 def train(args: argparse.Namespace, device: torch.device) -> None:
@@ -135,7 +136,7 @@ def train(args: argparse.Namespace, device: torch.device) -> None:
     k = int(vq["model_config"]["n_embeddings"])
     train_codes, val_codes = load_codes(run_dir, "train", k), load_codes(run_dir, "val", k)
     if len(train_codes) == 0:
-        raise SystemExit(f"error: {run_dir}/latent/train_codes.npy holds no code grids")
+        raise TrainingError(f"{run_dir}/latent/train_codes.npy holds no code grids")
     if len(val_codes) == 0:  # a run without a validation split: early-stop on a few training grids, say so
         print("warning: the run has no validation codes; validating on the last training grids", file=sys.stderr)
         val_codes = train_codes[-max(1, len(train_codes) // 10):]
