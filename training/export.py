@@ -47,6 +47,7 @@ from training.prior import GatedPixelCNN, find_prior_checkpoint, load_prior_chec
 from training.scorer import (
     ALM_TOP_FRACTION,
     COMBINED_TERM,
+    DEPTH_BASE_PERCENTILE,
     NORMALISED,
     OVERLAY,
     PREFERRED,
@@ -148,9 +149,15 @@ def build_scorer(ckpt: dict, top_fraction: float, use_prior: bool = True, restor
                               "--nll_top_fraction in (0, 1]")
         pckpt = load_prior_checkpoint(prior_path, ckpt)
         threshold = float(pckpt["position_nll"]["threshold"])
+        prep = Preprocessing.from_dict(ckpt["preprocessing"])
+        by_depth = prep.region == "retina"  # the band's rows are depths under the RPE; a whole scan's are not
         scorer = PriorScorer(scorer, GatedPixelCNN.from_checkpoint(pckpt), threshold, nll_top_fraction,
-                             restore_samples, restore_max_positions).eval()
+                             restore_samples, restore_max_positions, prep.size, by_depth).eval()
         level = "restore" if restore_samples > 0 else "prior"
+        params |= {"nll_of": "pixels, inside a frame of S/16 pixels, of" if by_depth else "latent positions of",
+                   "nll_depth": (f", minus the {DEPTH_BASE_PERCENTILE:g}th percentile of normal training scans' at "
+                                 "the same input row (a depth under the RPE in the retina band), 0 below it")
+                   if by_depth else ""}
         params |= {"n": restore_samples, "thr": threshold, "max_pos": restore_max_positions}
     params["fused_of"] = ", ".join(fused_maps(level))
     specs = {d.name: ScoreSpec(description=describe(d, **params), map=d.map) for d in declared(level)}
@@ -190,7 +197,10 @@ def fit_normal_statistics(scorer: Scorer | PriorScorer, ckpt: dict, oct_root: Pa
         feats = torch.cat([base.features(x.to(device)).cpu()
                            for x in DataLoader(OCTImages(bank_files, prep), batch_size=batch_size)])
         base.fit_memory_bank(feats, MEMORY_BANK_SIZE)
-        outs = [scorer(x.to(device)) for x in DataLoader(OCTImages(scale_files, prep), batch_size=batch_size)]
+        scale_batches = [x.to(device) for x in DataLoader(OCTImages(scale_files, prep), batch_size=batch_size)]
+        if isinstance(scorer, PriorScorer):  # before the fused scale: fused_map averages nll_map as it will serve it
+            scorer.fit_depth_base(scale_batches)
+        outs = [scorer(x) for x in scale_batches]
         for s in {base, scorer}:  # with a prior its fused_map (nll_map added) replaces the base's
             s.fit_fused_scale([torch.cat([o[k].cpu() for o in outs]) for k in s.fused_of])
 

@@ -124,3 +124,30 @@ def test_declared_scores_are_what_the_scorer_emits() -> None:
     assert set(map_outputs("vqvae")) <= set(out)
     scalar = {k for k, v in out.items() if v.dim() == 1}
     assert scalar == set(names)
+
+
+def test_nll_by_depth_is_the_excess_over_normal_rows_inside_the_frame() -> None:
+    """On the retina band, nll_map is the NLL above the normal level of its row, 0 on the frame; `nll` pools it."""
+    from training.prior import GatedPixelCNN, PriorConfig
+    from training.scorer import PriorScorer
+
+    torch.manual_seed(0)
+    base = _scorer()
+    prior = GatedPixelCNN(PriorConfig(n_embeddings=CFG.n_embeddings, n_layers=2, n_channels=8)).eval()
+    scorer = PriorScorer(base, prior, position_threshold=10.0, size=32, by_depth=True).eval()
+    normal = [torch.randn(8, 1, 32, 32) for _ in range(4)]
+    with torch.no_grad():
+        raw = PriorScorer(base, prior, 10.0, size=32)(normal[0])["nll_map"]  # by_depth off: the plain map
+        scorer.fit_depth_base(normal)
+        out = scorer(normal[0])
+    m = out["nll_map"]
+    border = 2  # 32 / 16
+    assert (m[:, :, :border] == 0).all() and (m[:, :, :, -border:] == 0).all()
+    assert (m >= 0).all() and scorer.nll_depth_base.shape == (32,)
+    # On the scans it was fitted on, at most about 1 % of a row's pixels pass its 99th percentile.
+    inner = m[:, 0, border:-border, border:-border]
+    assert (inner > 0).float().mean() <= 0.02
+    expected = (raw - scorer.nll_depth_base.view(1, 1, -1, 1)).clamp_min(0)[:, :, border:-border, border:-border]
+    torch.testing.assert_close(inner, expected[:, 0])
+    scripted = script_roundtrip(scorer)
+    torch.testing.assert_close(scripted(normal[1])["nll"], scorer(normal[1])["nll"])
