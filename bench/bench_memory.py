@@ -15,10 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench_service import build_phantom_model  # noqa: E402
+
+from service.launch import ServiceProcess, StartFailed  # noqa: E402
 
 OPT = "1.2.840.10008.5.1.4.1.1.77.1.5.4"
 
@@ -67,12 +65,6 @@ def rss_kib(pid: int, field: str) -> int:
     return 0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def client(url: str, body: bytes, stats: dict[str, int]) -> None:
     async with httpx.AsyncClient(timeout=600) as c:
         while True:
@@ -91,7 +83,7 @@ async def client(url: str, body: bytes, stats: dict[str, int]) -> None:
             return
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model_dir", type=Path, default=None, help="model_store/<name>/<version>")
     ap.add_argument("--volumes", type=int, default=8)
@@ -102,25 +94,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model_dir or build_phantom_model(Path(tmp), tiny=True, epochs=1)
         body = volume(args.frames, args.rows, args.cols)
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OCT_")}
-        env.update(OCT_MODEL_STORE=str(model_dir.parents[1]), OCT_MODEL_NAME=model_dir.parent.name,
-                   OCT_MODEL_VERSION=model_dir.name, OCT_DEVICE="cpu", OCT_HOST="127.0.0.1", OCT_PORT=str(port),
-                   OCT_RESULTS_DIR=str(Path(tmp) / "results"), OCT_LOG_LEVEL="WARNING")
-        with open(Path(tmp) / "service.log", "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=log,
-                                    stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
+        env = {"OCT_MODEL_STORE": str(model_dir.parents[1]), "OCT_MODEL_NAME": model_dir.parent.name,
+               "OCT_MODEL_VERSION": model_dir.name, "OCT_DEVICE": "cpu", "OCT_RESULTS_DIR": str(Path(tmp) / "results"),
+               "OCT_LOG_LEVEL": "WARNING"}
+        svc = ServiceProcess(env, log_path=Path(tmp) / "service.log", clean=True)  # the limits at their defaults
+        url = svc.url
         try:
-            for _ in range(600):
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if proc.poll() is not None:
-                    sys.exit(f"service exited: {(Path(tmp) / 'service.log').read_text()[-2000:]}")
-                time.sleep(0.2)
+            try:
+                svc.start(timeout=120)
+            except StartFailed as e:
+                print(f"service {e}", file=sys.stderr)
+                return 1
+            proc = svc.proc
+            assert proc is not None
             before = rss_kib(proc.pid, "VmRSS")
             stats = {"dropped": 0, "503": 0}
             started = time.perf_counter()
@@ -132,8 +118,7 @@ def main() -> None:
             took = time.perf_counter() - started
             peak = rss_kib(proc.pid, "VmHWM")
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+            svc.stop()
     mib = 1024
     print(f"{args.volumes} concurrent volumes of {args.frames}×{args.rows}×{args.cols} 8-bit "
           f"({len(body) / 2**20:.0f} MiB each), default limits, heatmaps off")
@@ -144,7 +129,8 @@ def main() -> None:
     other = {k: v for k, v in stats.items() if k not in ("200", "503", "dropped")}
     if other:
         print(f"other answers: {other}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -218,7 +218,7 @@ def main() -> None:
                   "--log-level", "warning"], {}, port, svc_cpus)
     try:
         body = multipart(*files["jpeg"])
-        base = measure(bare.pid, f"http://127.0.0.1:{port}", body, "/score", args.concurrency, args.seconds,
+        base = measure(bare.pid(), f"http://127.0.0.1:{port}", body, "/score", args.concurrency, args.seconds,
                        args.loadgen)
     finally:
         stop(bare)
@@ -230,7 +230,7 @@ def main() -> None:
         for fmt in args.formats.split(","):
             body = multipart(*files[fmt])
             for heat in ("false", "true"):
-                r = measure(svc.pid, f"http://127.0.0.1:{port}", body, f"/score?heatmaps={heat}",
+                r = measure(svc.pid(), f"http://127.0.0.1:{port}", body, f"/score?heatmaps={heat}",
                             args.concurrency, args.seconds, args.loadgen)
                 rows.append((fmt, "on" if heat == "true" else "off", r))
     finally:
@@ -256,7 +256,7 @@ def main() -> None:
                         service_env(store, port, args.device, {"OCT_WORKERS": str(w), **extra}, name), port, svc_cpus)
             try:
                 conc = max(args.concurrency, 8 * w)
-                r = measure(svc.pid, f"http://127.0.0.1:{port}", body, "/score?heatmaps=false", conc, args.seconds,
+                r = measure(svc.pid(), f"http://127.0.0.1:{port}", body, "/score?heatmaps=false", conc, args.seconds,
                             args.loadgen)
             finally:
                 stop(svc)

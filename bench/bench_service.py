@@ -17,8 +17,6 @@ import argparse
 import asyncio
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +34,7 @@ from PIL import Image  # noqa: E402
 
 from octcore.manifest import load_scorer  # noqa: E402
 from octcore.preprocess import preprocess  # noqa: E402
+from service.launch import ServiceProcess, StartFailed, free_port  # noqa: E402
 
 TINY = ["--image_size", "64", "--n_hiddens", "32", "--n_residual_hiddens", "16", "--n_residual_layers", "2",
         "--embedding_dim", "16", "--n_embeddings", "32"]
@@ -76,37 +75,19 @@ def raw_scorer(version_dir: Path, image: Path, batch_sizes: list[int], device: s
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(cmd: list[str], env: dict[str, str], port: int, cpus: set[int] | None = None) -> subprocess.Popen:
-    """Start a server and wait for its /readyz; `cpus` pins it (and its children) to those CPUs."""
-    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, preexec_fn=pin)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise SystemExit("server not ready in 300 s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
+def start(cmd: list[str], env: dict[str, str], port: int, cpus: set[int] | None = None) -> ServiceProcess:
+    """Start a server and wait for its /readyz (service.launch); `cpus` pins it (and its children) to those CPUs."""
+    server = ServiceProcess(env, command=cmd, port=port, cpus=cpus)
     try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        server.start(timeout=300)
+    except StartFailed as e:
+        server.stop()
+        raise SystemExit(f"{' '.join(cmd)} {e}") from e
+    return server
+
+
+def stop(server: ServiceProcess) -> None:
+    server.stop(60)
 
 
 async def load(url: str, data: bytes, concurrency: int, seconds: float, heatmaps: bool) -> dict[str, float]:

@@ -10,23 +10,14 @@ Playwright (no browser download), uploads the image, waits for the score and the
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from service.launch import ServiceProcess, StartFailed  # noqa: E402
 
 
 def main() -> int:
@@ -42,22 +33,14 @@ def main() -> int:
         return 2
     from playwright.sync_api import sync_playwright
 
-    port = free_port()
-    env = os.environ | {"OCT_MODEL_STORE": args.model_store, "OCT_MODEL_NAME": args.model_name, "OCT_DEVICE": "cpu",
-                        "OCT_HOST": "127.0.0.1", "OCT_PORT": str(port)}
-    url = f"http://127.0.0.1:{port}"
-    svc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env)
+    svc = ServiceProcess({"OCT_MODEL_STORE": args.model_store, "OCT_MODEL_NAME": args.model_name, "OCT_DEVICE": "cpu"})
+    url = svc.url
     try:
-        for _ in range(240):
-            if svc.poll() is not None:
-                print(f"error: the service exited ({svc.returncode})", file=sys.stderr)
-                return 1
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        try:
+            svc.start(timeout=120)
+        except StartFailed as e:
+            print(f"error: the service {e}", file=sys.stderr)
+            return 1
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1280, "height": 800})
@@ -70,8 +53,7 @@ def main() -> int:
             print(f"{args.out}: {page.inner_text('#score')}")
             browser.close()
     finally:
-        svc.terminate()
-        svc.wait(timeout=30)
+        svc.stop(30)
     return 0
 
 

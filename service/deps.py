@@ -1,4 +1,5 @@
-"""What routes need, as `Annotated[..., Depends()]` aliases: a signature says what a route uses, tests can swap it.
+"""What routes need, as `Annotated[..., Depends()]` aliases: a signature says what a route uses, tests can swap it
+(`app.dependency_overrides`).
 
 All are `async def` although none awaits: FastAPI runs a plain `def` dependency in a worker thread, a thread hop
 per dependency per request for what is an attribute lookup."""
@@ -8,13 +9,13 @@ from __future__ import annotations
 import secrets
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from fastapi.security.utils import get_authorization_scheme_param
 
-from service.engine import Engine
 from service.errors import NotReady, Unauthorized
 from service.metrics import Metrics
+from service.pipeline.pipeline import Pipeline
+from service.schemas import ScoreQuery
 from service.security import anonymous_off_loopback
 from service.settings import Settings
 
@@ -27,45 +28,37 @@ async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-async def get_engine(request: Request) -> Engine:
-    engine = getattr(request.app.state, "engine", None)
-    if engine is None:
+async def get_pipeline(request: Request) -> Pipeline:
+    pipeline = getattr(request.app.state, "pipeline", None)
+    if pipeline is None:
         raise NotReady("model not loaded", headers={"Retry-After": "1"})
-    return engine
+    return pipeline
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-EngineDep = Annotated[Engine, Depends(get_engine)]
+PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
+ScoreQueryDep = Annotated[ScoreQuery, Query()]
 
 
 # The two ways to send a key, as OpenAPI security schemes (Swagger UI's "Authorize" fills them in). Both optional
-# here: `authorize` decides, because with no OCT_API_KEYS on loopback no key is needed at all.
+# here: `require_api_key` decides, because with no OCT_API_KEYS on loopback no key is needed at all.
 _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`, a key from OCT_API_KEYS")
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-Key: <key>`, instead")
 
 
 async def require_api_key(
     request: Request,
-    _bearer_scheme: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    _key_scheme: Annotated[str | None, Depends(_api_key_header)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    api_key: Annotated[str | None, Depends(_api_key_header)],
 ) -> None:
-    """The key check as a dependency. The two scheme parameters put the security schemes in OpenAPI; the key itself
-    is read by `authorize`, the one reading of it, which `POST /score` calls directly."""
-    authorize(request)
-
-
-def authorize(request: Request) -> None:
     """401 unless the request carries one of OCT_API_KEYS (or none are set): `X-API-Key`, else a non-empty
-    `Authorization: Bearer`, read the way the two security schemes read them. The hot path (`POST /score`) calls
-    this instead of having FastAPI solve the dependency per request; its OpenAPI names the same schemes."""
-    settings: Settings = request.app.state.settings  # not a sub-dependency: this runs on every request
+    `Authorization: Bearer`. Both schemes are optional (either header will do, and with no OCT_API_KEYS neither is
+    needed), so this decides; they list the two headers in OpenAPI, as alternatives."""
+    settings: Settings = request.app.state.settings
     if not settings.api_keys:
         return
-    offered = request.headers.get("x-api-key") or None  # an empty header counts as none, as in APIKeyHeader
-    if offered is None:
-        scheme, credentials = get_authorization_scheme_param(request.headers.get("authorization"))
-        offered = credentials if scheme.lower() == "bearer" and credentials else None
+    offered = api_key or (bearer.credentials if bearer is not None else None)
     if offered is None:
         raise Unauthorized("send `Authorization: Bearer <key>` or `X-API-Key: <key>`",
                            headers={"WWW-Authenticate": "Bearer"})
@@ -77,7 +70,6 @@ def authorize(request: Request) -> None:
         raise Unauthorized("API key not recognised", headers={"WWW-Authenticate": "Bearer"})
 
 
-AuthDep = Annotated[None, Depends(require_api_key)]
 
 
 async def require_results_key(settings: SettingsDep) -> None:
@@ -87,6 +79,3 @@ async def require_results_key(settings: SettingsDep) -> None:
         raise Unauthorized("results carry patient data and are served only with an API key when the service listens "
                            "beyond loopback; set OCT_API_KEYS", headers={"WWW-Authenticate": "Bearer"})
 
-
-# `authorize`'s OpenAPI: the operation lists the same two schemes, as alternatives (an `openapi_extra` fragment).
-SECURITY_REQUIREMENTS = [{_bearer.scheme_name: []}, {_api_key_header.scheme_name: []}]

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.dicom.phi import scrub
+from service.redaction import scrub
 
 log = logging.getLogger("oct.service")
 
@@ -84,6 +84,10 @@ class DecompressionBomb(Problem):
 
 class UnsupportedImage(Problem):
     status, slug, title = 422, "unsupported-image", "Image mode or layout not supported"
+
+
+class NoRetina(Problem):
+    status, slug, title = 422, "no-retina", "No retina found"
 
 
 class Overloaded(Problem):

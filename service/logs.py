@@ -12,7 +12,7 @@ import time
 import warnings
 from typing import Any
 
-from service.dicom.phi import REDACTED, scrub
+from service.redaction import REDACTED, scrub
 
 audit_log = logging.getLogger("oct.audit")
 
@@ -92,16 +92,20 @@ def configure(log_format: str, level: str) -> None:
     logging.logMultiprocessing = False
 
 
-def quiet_dicom_libraries() -> None:
-    """Process-wide switches for the DICOM libraries, set where a serving process starts (`python -m service` and
-    each worker process it spawns), never on import. pydicom does not validate values as it reads them (the
-    warnings quoted the value; service/dicom/attributes.py checks what the results copy and names only keywords),
-    and its warnings, which repeat its log records, are ignored; highdicom's INFO lines (each module it copies) are
-    noise; every other library's warning goes to the log, through LibraryRedaction, instead of raw to stderr."""
+def quiet_libraries() -> None:
+    """Process-wide switches for the libraries, set where a serving process starts (`python -m service` and each
+    worker process it spawns), never on import. pydicom does not validate values as it reads them (the warnings
+    quoted the value; service/dicom/attributes.py checks what the results copy and names only keywords), and its
+    warnings, which repeat its log records, are ignored; highdicom's INFO lines (each module it copies) are noise;
+    torchvision's notice that its image decoders are deprecated (they still ship and work) comes on every decode
+    and is ignored, for that message only; every other library's warning goes to the log, through
+    LibraryRedaction, instead of raw to stderr."""
     from pydicom import config
 
     config.settings.reading_validation_mode = config.IGNORE
     warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are "
+                            "deprecated", category=DeprecationWarning)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     logging.captureWarnings(True)
 

@@ -1,4 +1,4 @@
-"""App factory: settings → model engine → routers, middleware and error handlers."""
+"""App factory: settings → pipeline (the loaded model) → routers, middleware and error handlers."""
 
 from __future__ import annotations
 
@@ -10,31 +10,31 @@ from fastapi import FastAPI
 
 from service import errors, security
 from service.budget import InFlight
-from service.engine import Engine
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestContext
+from service.pipeline.pipeline import Pipeline
 from service.processes import READY, ServingState
 from service.routes import dicomweb, health, metrics, models, page, score
 from service.settings import Settings
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None,
+def create_app(settings: Settings | None = None, pipeline: Pipeline | None = None,
                serving: ServingState | None = None) -> FastAPI:
-    """`engine` is given when the caller loaded the model already (`python -m service` does, to fail fast);
+    """`pipeline` is given when the caller loaded the model already (`python -m service` does, to fail fast);
     `serving` carries the drain flag and, with several worker processes, their shared readiness."""
     settings = settings or Settings()
     security.require_safe(settings)
-    metrics_ = engine.metrics if engine is not None else Metrics()
+    metrics_ = pipeline.core.metrics if pipeline is not None else Metrics()
     serving = serving or ServingState()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        eng = engine or await asyncio.to_thread(Engine.load, settings, metrics_)
-        app.state.engine = eng
-        eng.on_ready = lambda: serving.set_state(READY)
-        await eng.start()
+        p = pipeline or await asyncio.to_thread(Pipeline.load, settings, metrics_)
+        app.state.pipeline = p
+        p.core.on_ready = lambda: serving.set_state(READY)
+        await p.start()
         yield
-        await eng.stop()  # uvicorn calls this after in-flight requests finished; the batcher drains what is left
+        await p.stop()  # uvicorn calls this after in-flight requests finished; the batcher drains what is left
 
     # FastAPI's own OpenTelemetry bridge stays off: its log records carry exception messages unscrubbed (a DICOM
     # error can quote patient data; docs/security.md), and it looks up three global providers on every request. The
@@ -44,7 +44,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
                   telemetry={"tracing": False, "metrics": False, "logs": False})
     app.state.settings = settings
     app.state.metrics = metrics_
-    app.state.engine = None
+    app.state.pipeline = None
     app.state.serving = serving
     errors.install(app)
     for r in (score.router, models.router, health.router, metrics.router, page.router):

@@ -28,14 +28,18 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.pipeline.pipeline import Pipeline
 
 log = logging.getLogger("oct.processes")
 
@@ -46,8 +50,23 @@ STARTING, LOADED, READY = 0, 1, 2
 _LINGER_S = 0.3
 
 
+class Warm(Protocol):
+    """What readiness reads of the loaded model (service.pipeline.pipeline.Pipeline)."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def not_ready_reason(self) -> str: ...
+
+
+# Builds the app a serving process serves from its loaded pipeline (service.main.create_app); passed in, so this
+# module needs nothing from the app factory and a spawned worker gets it by reference.
+AppFactory = Callable[[Settings, "Pipeline", "ServingState"], ASGIApp]
+
+
 class ServingState:
-    """What `/readyz` needs beyond the engine: the drain flag and, with several workers, every worker's state.
+    """What `/readyz` needs beyond the model: the drain flag and, with several workers, every worker's state.
 
     `shared` is a process-shared byte array (slot 0 = draining, slot i = worker i's state) or None in one process."""
 
@@ -69,12 +88,12 @@ class ServingState:
         if self._shared is not None:
             self._shared[self._index] = state
 
-    def not_ready_reason(self, engine: Any) -> str | None:
-        """None when ready; else why not (this worker's engine first, then the drain, then the other workers)."""
-        if engine is None:
+    def not_ready_reason(self, model: Warm | None) -> str | None:
+        """None when ready; else why not (this worker's model first, then the drain, then the other workers)."""
+        if model is None:
             return "model not loaded"
-        if not engine.ready:
-            return engine.not_ready_reason
+        if not model.ready:
+            return model.not_ready_reason
         if self.draining:
             return "draining: shutting down"
         if self._shared is not None:
@@ -151,10 +170,11 @@ class DrainingServer(uvicorn.Server):
         await super().serve(sockets=sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # The signal is not kept for uvicorn to raise again after shutdown (as its own handler does): the drain is
+        # the stop the signal asked for, so `run` returns and the process exits 0.
         if sig == signal.SIGINT and self.ignore_sigint:
             return
         if self._drain_started is None:
-            self._captured_signals.append(sig)  # re-raised after shutdown, as uvicorn does
             self._drain_started = time.monotonic()
             self.state.begin_drain()
             log.info("draining: /readyz is 503; still accepting for %.1f s", self.drain_delay_s)
@@ -209,15 +229,12 @@ def bind(settings: Settings) -> socket.socket:
     return sock
 
 
-def serve_one(settings: Settings, engine: Any, sock: socket.socket, state: ServingState,
+def serve_one(settings: Settings, app: ASGIApp, sock: socket.socket, state: ServingState,
               worker: bool = False) -> None:
-    """Run one server on `sock` until drained. `engine` is loaded (and checked) already."""
-    from service.main import create_app
-
-    app = create_app(settings, engine=engine, serving=state)
+    """Run `app` (its model loaded and checked already) on `sock` until drained."""
     # The event loop decodes and preprocesses (OCT_CPU_WORKERS=0): one torch thread, set once for the process's
-    # lifetime, so preprocessing's resize finds its count at 1 and changes nothing per request. The engine's
-    # inference threads took the model's count already (service/engine.py).
+    # lifetime, so preprocessing's resize finds its count at 1 and changes nothing per request. The inference
+    # threads took the model's count already (service/inference/core.py).
     import torch
 
     torch.set_num_threads(1)
@@ -230,38 +247,31 @@ def serve_one(settings: Settings, engine: Any, sock: socket.socket, state: Servi
     config = uvicorn.Config(CloseWhenDraining(app, state), log_config=None, access_log=False,
                             http=DrainingHttpToolsProtocol,
                             log_level=settings.log_level.lower(), timeout_graceful_shutdown=settings.drain_timeout_s)
-    # uvicorn re-raises the stop signal to the handler that was there before it started; this one turns that into
-    # exit status 0, so a graceful stop does not look like a crash to a supervisor.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _exit_cleanly)
     DrainingServer(config, state, settings.drain_delay_s, ignore_sigint=worker).run(sockets=[sock])
 
 
-def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(0)
-
-
-def _worker_main(settings: Settings, sock: socket.socket, shared: Any, index: int) -> None:
+def _worker_main(settings: Settings, sock: socket.socket, shared: Any, index: int, make_app: AppFactory) -> None:
     """Entry point of a spawned worker process."""
     from octcore.manifest import ModelStoreError
     from service import logs
-    from service.engine import Engine
     from service.metrics import Metrics
+    from service.pipeline.pipeline import Pipeline
 
     logs.configure(settings.log_format, settings.log_level)
-    logs.quiet_dicom_libraries()
+    logs.quiet_libraries()
     state = ServingState(shared, index)
     try:
-        engine = Engine.load(settings, Metrics())
+        pipeline = Pipeline.load(settings, Metrics())
     except ModelStoreError as e:
         print(f"oct-service: cannot load model: {e}", file=sys.stderr)
         sys.exit(1)
     state.set_state(LOADED)
-    serve_one(settings, engine, sock, state, worker=True)
+    serve_one(settings, make_app(settings, pipeline, state), sock, state, worker=True)
 
 
-def supervise(settings: Settings, sock: socket.socket) -> int:
-    """Start `settings.workers` worker processes on `sock`; restart the ones that die; drain all on SIGTERM."""
+def supervise(settings: Settings, sock: socket.socket, make_app: AppFactory) -> int:
+    """Start `settings.workers` worker processes on `sock`, each serving `make_app`'s app; restart the ones that die;
+    drain all on SIGTERM."""
     ctx = multiprocessing.get_context("spawn")
     n = settings.workers
     shared = ctx.Array("b", n + 1, lock=False)
@@ -272,7 +282,7 @@ def supervise(settings: Settings, sock: socket.socket) -> int:
 
     def start(i: int) -> None:
         shared[i] = STARTING
-        p = ctx.Process(target=_worker_main, args=(settings, sock, shared, i), name=f"oct-worker-{i}")
+        p = ctx.Process(target=_worker_main, args=(settings, sock, shared, i, make_app), name=f"oct-worker-{i}")
         p.start()
         procs[i] = p
 

@@ -6,11 +6,13 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from service.heatmaps import HeatmapFormat
+from service.encode import HeatmapFormat
 
 HEATMAP_SCALE_DOC = (
-    "Base64 PNG per score that has a map (8-bit gray; longer side = the model's input size; aspect ratio of the "
-    "scanned region after white margins are cropped). Pixel value v stands for map value v / 255 * map_scale, "
+    "Base64 PNG per score that has a map (8-bit gray). Each heatmap covers heatmap_box: stretch it over the box. "
+    "Its own pixel size is the model's resolution, not the box's: a model of the whole scan gives the box's aspect "
+    "ratio with the longer side = the input size; a model of the retina band gives input-size columns and rows as "
+    "fine as the band's, 0 outside the band. Pixel value v stands for map value v / 255 * map_scale, "
     "with map_scale = calibration[<score>].map_scale from GET /models (a high percentile of that map on normal "
     "validation scans): 255 means at or above what normal retinas reach. Omitted when heatmaps=false."
 )
@@ -24,9 +26,8 @@ PREVIEW_DOC = (
 
 
 class ScoreQuery(BaseModel):
-    """`POST /score`'s query parameters, validated as one model by the route itself (`routes/score.score_query`),
-    which also lists them in OpenAPI: FastAPI resolves each parameter and dependency anew on every request
-    (docs/service.md)."""
+    """`POST /score`'s query parameters, one model (FastAPI's query parameter models: `Annotated[ScoreQuery,
+    Query()]`)."""
 
     heatmaps: bool = Field(True, description="Return base64 heatmaps (see ScoreResult.heatmaps)")
     heatmap_format: HeatmapFormat = Field("png", description="png (lossless, default), or the smaller lossy webp or "
@@ -36,7 +37,7 @@ class ScoreQuery(BaseModel):
 
 class HeatmapBox(BaseModel):
     """The region of the uploaded image the heatmaps cover, in upload pixels: the scan after white margins are
-    cropped. Stretch each heatmap PNG over [x0, x1) × [y0, y1) to overlay it on the upload."""
+    cropped. Stretch each heatmap PNG over [x0, x1) × [y0, y1) to overlay it on the upload, whatever its own size."""
 
     x0: int = Field(description="Left edge (inclusive)")
     y0: int = Field(description="Top edge (inclusive)")

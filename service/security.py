@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import sys
 
 from service.settings import Settings
 
@@ -41,12 +40,8 @@ def startup_refusal(settings: Settings) -> str | None:
     return None
 
 
-def enforce(settings: Settings) -> None:
-    """`python -m service` calls this first: exit 2 with the reason, or warn on every start that runs open."""
-    reason = startup_refusal(settings)
-    if reason is not None:
-        print(f"oct-service: {reason}", file=sys.stderr)
-        raise SystemExit(2)
+def warn_if_open(settings: Settings) -> None:
+    """`python -m service` calls this on every start that runs open (after `startup_refusal` let it start)."""
     if anonymous_off_loopback(settings):
         log.warning("OCT_ALLOW_ANONYMOUS=true: /score, /models and STOW-RS are open to anyone who reaches %s; "
                     "results (/dicomweb/results) stay refused until OCT_API_KEYS is set", settings.host)

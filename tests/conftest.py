@@ -1,5 +1,7 @@
 """Shared fixtures. `tiny_model` runs the real pipeline (phantom → train → export) once per test session through the
-same command-line entry points a user runs, so every downstream test exercises real artifacts."""
+same command-line entry points a user runs, for the tests of training and of a trained model's numbers.
+`fixture_model` and `retina_model` are the service's: scorers with the shipped export's outputs that cost nothing
+(bench/null_scorer.py), whose maps are half their input, so a test knows what every answer must be."""
 
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 KERMANY = ROOT / "tests" / "data" / "kermany"
+SHIPPED = ROOT / "model_store" / "kermany-oct" / "1"  # the template of the fixture scorers' manifests
+sys.path.insert(0, str(ROOT))  # bench/
+from bench.null_scorer import build_null_store  # noqa: E402
 
 # Small enough to train in under a minute on one CPU core, big enough (128 px, 10 epochs) that lesions are resolved
 # and the phantom AUROC is above chance.
@@ -36,10 +41,7 @@ TINY_PRIOR_ARGS = ["--epochs", "3", "--batch_size", "16", "--n_layers", "4", "--
 
 
 @dataclass(frozen=True)
-class TinyModel:
-    data_root: Path
-    run_dir: Path
-    ckpt: Path
+class StoredModel:
     store: Path
     name: str
     version: int
@@ -47,6 +49,13 @@ class TinyModel:
     @property
     def version_dir(self) -> Path:
         return self.store / self.name / str(self.version)
+
+
+@dataclass(frozen=True)
+class TinyModel(StoredModel):
+    data_root: Path
+    run_dir: Path
+    ckpt: Path
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> str:
@@ -112,3 +121,20 @@ def tiny_prior_model(tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFac
     run_dir = base / "runs" / tiny_model.run_dir.name
     return TinyModel(data_root=tiny_model.data_root, run_dir=run_dir, ckpt=run_dir / tiny_model.ckpt.name,
                      store=base / "store", name="tiny", version=1)
+
+
+@pytest.fixture(scope="session")
+def fixture_model(tmp_path_factory: pytest.TempPathFactory) -> StoredModel:
+    """The service tests' scorer: the shipped model's manifest (scores, calibration, whole-scan input) at 64², and a
+    scorer that costs nothing (bench/null_scorer.py)."""
+    store = tmp_path_factory.mktemp("fixture-store")
+    build_null_store(SHIPPED, store, size=64, name="fixture")
+    return StoredModel(store=store, name="fixture", version=1)
+
+
+@pytest.fixture(scope="session")
+def retina_model(tmp_path_factory: pytest.TempPathFactory) -> StoredModel:
+    """`fixture_model` whose input is the retina band (preprocessing region `retina`), at 64²."""
+    store = tmp_path_factory.mktemp("retina-store")
+    build_null_store(SHIPPED, store, size=64, name="retina", region="retina")
+    return StoredModel(store=store, name="retina", version=1)

@@ -34,7 +34,8 @@ from service.dicom.errors import (
     UnsupportedPixels,
     UnsupportedTransferSyntax,
 )
-from service.dicom.phi import library_error, text_values
+from service.dicom.phi import text_values
+from service.redaction import library_error
 
 OPHTHALMIC_TOMOGRAPHY = "1.2.840.10008.5.1.4.1.1.77.1.5.4"
 PIXEL_DATA = 0x7FE00010

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from service.errors import Problem
 
+PROCESSING_FAILURE = 0x0110
+
 
 class DicomProblem(Problem):
     status, slug, title = 422, "dicom-invalid", "The DICOM object cannot be scored"
@@ -58,6 +60,13 @@ class OwnResult(DicomProblem):
 class ResultsNotBuildable(DicomProblem):
     slug, title = "dicom-results-not-buildable", "Result objects cannot be derived from this instance"
     failure_reason = 0xA900
+
+
+class NoRetinaInObject(DicomProblem):
+    """A model of the retina band, and no frame of the object holds a retina: nothing to score, nothing stored."""
+
+    slug, title = "no-retina", "No retina found"
+    failure_reason = PROCESSING_FAILURE
 
 
 class ResultNotFound(Problem):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from pydicom.uid import generate_uid
 
-from service.schemas import ModelRef
+from service.pipeline.results import ModelId
 
 MANUFACTURER = "oct-anomaly"
 SR_SERIES_NUMBER = 9101
@@ -26,7 +26,7 @@ def is_uid(value: str) -> bool:
     return 0 < len(value) <= 64 and bool(_UID.match(value))
 
 
-def model_label(model: ModelRef) -> str:
+def model_label(model: ModelId) -> str:
     return f"{model.name} v{model.version}"
 
 
@@ -34,7 +34,7 @@ def model_label(model: ModelRef) -> str:
 class ResultIds:
     source_series_uid: str
     source_sop_uid: str
-    model: ModelRef
+    model: ModelId
 
     def _uid(self, *parts: str) -> str:
         return generate_uid(entropy_srcs=[MANUFACTURER, self.model.name, str(self.model.version), *parts])

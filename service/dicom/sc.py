@@ -1,25 +1,21 @@
 """The heatmap overlay of one scored image: an RGB Secondary Capture of the most anomalous B-scan with the overlay
-score's heatmap (`Engine.overlay`) blended on top, built by highdicom from the source dataset (patient/study
-copied by the library).
+score's heatmap (the manifest's overlay score) blended on top, built by highdicom from the source dataset
+(patient/study copied by the library).
 
-Overlay: the heatmap (service.heatmaps scale: 0..1 of the calibration's map_scale) is resized onto the region the
-model saw (the B-scan minus its white margins) and coloured with a black→red→yellow ramp; its opacity grows
-with the value (0 → transparent, ≥ map_scale → 60 % opaque), so normal tissue stays readable gray.
+Overlay: the heatmap (uint8 from the pipeline, service.pipeline.render's scale: 0..255 for 0..map_scale) is stretched
+over the region it covers (`box`: the B-scan minus its white margins) and coloured with a black→red→yellow ramp; its
+opacity grows with the value (0 → transparent, ≥ map_scale → 60 % opaque), so normal tissue stays readable gray.
 """
 
 from __future__ import annotations
-
-import base64
-import io
 
 import highdicom as hd
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset
 
-from octcore.preprocess import Preprocessing, crop_white_margins
 from service.dicom.results import MANUFACTURER, ResultIds, model_label
-from service.dicom.schemas import VolumeScoreResult
+from service.pipeline.results import Box, VolumeResult
 
 MAX_OPACITY = 0.6
 
@@ -29,23 +25,24 @@ def heat_colours(h: np.ndarray) -> np.ndarray:
     return np.stack([np.clip(2 * h, 0, 1), np.clip(2 * h - 1, 0, 1), np.zeros_like(h)], axis=-1)
 
 
-def overlay(gray: np.ndarray, heatmap_png_b64: str, cfg: Preprocessing) -> np.ndarray:
-    """B-scan (H, W) in [0, 1] + heatmap PNG → (H, W, 3) uint8 RGB."""
-    _, (x0, y0, x1, y1) = crop_white_margins(gray, cfg)  # the same box the engine scored
-    heat_img = Image.open(io.BytesIO(base64.b64decode(heatmap_png_b64))).convert("L")
+def overlay(gray: np.ndarray, heatmap: np.ndarray, box: Box) -> np.ndarray:
+    """B-scan (H, W) in [0, 1] + uint8 heatmap covering `box` → (H, W, 3) uint8 RGB."""
+    x0, y0, x1, y1 = box
     heat = np.zeros_like(gray, dtype=np.float32)
-    heat[y0:y1, x0:x1] = np.asarray(heat_img.resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR),
+    heat[y0:y1, x0:x1] = np.asarray(Image.fromarray(heatmap).resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR),
                                     dtype=np.float32) / 255.0
     alpha = (MAX_OPACITY * heat)[..., None]
     rgb = (1 - alpha) * gray[..., None] + alpha * heat_colours(heat)
     return np.rint(np.clip(rgb, 0, 1) * 255).astype(np.uint8)
 
 
-def build_sc(source: Dataset, gray: np.ndarray, heatmap_name: str, heatmap_png_b64: str, cfg: Preprocessing,
-             result: VolumeScoreResult, ids: ResultIds) -> hd.sc.SCImage:
-    """SC of frame `result.max_frame` (`gray`) with the `heatmap_name` heatmap; UIDs from `ids`."""
-    rgb = overlay(gray, heatmap_png_b64, cfg)
-    frame_number = result.max_frame + 1
+def build_sc(source: Dataset, gray: np.ndarray, heatmap_name: str, heatmap: np.ndarray, box: Box,
+             result: VolumeResult, ids: ResultIds) -> hd.sc.SCImage:
+    """SC of frame `result.decision.max_frame` (`gray`) with its `heatmap_name` heatmap over `box`; UIDs from
+    `ids`."""
+    rgb = overlay(gray, heatmap, box)
+    d = result.decision
+    frame_number = d.max_frame + 1
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
         coordinate_system="PATIENT", patient_orientation=_orientation(source),
@@ -62,9 +59,11 @@ def build_sc(source: Dataset, gray: np.ndarray, heatmap_name: str, heatmap_png_b
     # as Image Laterality, or per frame); empty when unknown or both, which Type 2 allows.
     sc.Laterality = _laterality(source)
     sc.BurnedInAnnotation = "NO"
-    sc.ImageComments = (f"{heatmap_name} heatmap over frame {frame_number} of {result.number_of_frames}; "
-                        f"score {result.score:.6g}, threshold {result.threshold:.6g}, "
-                        f"{'ABNORMAL' if result.is_anomalous else 'normal'}")
+    n, scored = len(result.frames), len(result.scored)
+    sc.ImageComments = (f"{heatmap_name} heatmap over frame {frame_number} of {n}; "
+                        + (f"{scored} of {n} frames scored (the others hold no retina); " if scored < n else "")
+                        + f"score {d.score:.6g}, threshold {d.threshold:.6g}, "
+                        f"{'ABNORMAL' if d.is_anomalous else 'normal'}")
     sc.DerivationDescription = f"Anomaly heatmap from {model_label(result.model)}"
     sc.SourceImageSequence = [_frame_ref(source, frame_number)]
     return sc

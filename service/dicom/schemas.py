@@ -17,17 +17,23 @@ AGGREGATION_DOC = (
     "many independent B-scans drawn from the normal scans' fitted score distribution, so a normal volume of any "
     "length is flagged about as rarely as one normal B-scan. `max_frame` is the most anomalous frame (where to look "
     "first); `scores` and `percentile` are that frame's, and each frame's `is_anomalous` is against the B-scan "
-    "threshold."
+    "threshold. A frame the model cannot read (a model of the retina band, and a frame without a retina) has no "
+    "score, says why in `refused`, and is left out: the statistic and the threshold are those of the scored frames "
+    "(`frames_scored`)."
 )
 
 
 class FrameScore(BaseModel):
     index: int = Field(description="0-based frame index in the DICOM object")
     frame_number: int = Field(description="DICOM frame number (index + 1), as in ReferencedFrameNumber")
-    score: float = Field(description="The manifest's primary score for this B-scan")
-    scores: dict[str, float]
-    is_anomalous: bool
-    percentile: float = Field(description="Where the score falls among normal calibration scans, 0–100")
+    score: float | None = Field(default=None, description="The manifest's primary score for this B-scan; none when "
+                                "the frame was refused")
+    scores: dict[str, float] | None = None
+    is_anomalous: bool | None = None
+    percentile: float | None = Field(default=None, description="Where the score falls among normal calibration "
+                                     "scans, 0–100")
+    refused: str | None = Field(default=None, description="Why this frame has no score (e.g. `no retina: …`): it "
+                                "is left out of the volume's score and decision")
     heatmaps: dict[str, str] | None = Field(default=None, description=HEATMAP_SCALE_DOC)
     # Optional here: result records stored by earlier versions lack it.
     heatmap_box: HeatmapBox | None = Field(default=None, description="Region of this frame the heatmaps cover")
@@ -44,6 +50,9 @@ class VolumeScoreResult(BaseModel):
     sop_instance_uid: str
     sop_class_uid: str
     number_of_frames: int
+    # Absent in results stored by earlier versions (every frame was scored).
+    frames_scored: int | None = Field(default=None, description="Frames the volume's score and decision rest on "
+                                      "(the others were refused: see each frame's `refused`)")
     # "max": results stored by earlier versions (the most anomalous frame alone).
     aggregation: Literal["window_mean_max", "max"] = Field(default="window_mean_max", description=AGGREGATION_DOC)
     volume_window: int = Field(default=1, description="Adjacent frames averaged into the volume score")

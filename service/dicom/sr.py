@@ -1,9 +1,10 @@
 """The Structured Report of one scored image: a TID 1500 Imaging Measurement Report (Comprehensive 3D SR) built by
 highdicom from the source dataset, so patient and study attributes are copied by the library.
 
-Content: one measurement group for the volume (primary score of the most anomalous frame, threshold, percentile,
-most anomalous frame number, every named score of that frame, Normal/Abnormal decision) and one group per frame
-(score, percentile, decision) whose measurement references that frame (ReferencedFrameNumber). The algorithm
+Content: one measurement group for the volume (its score, threshold, percentile, most anomalous frame number, the
+number of frames scored, every named score of the most anomalous frame, Normal/Abnormal decision) and one group per
+scored frame (score, percentile, decision) whose measurement references that frame (ReferencedFrameNumber); a frame
+the model could not read (no retina) has no group, and the count says how many were scored. The algorithm
 (model name and version) is recorded as Algorithm Identification and as the observing device. Concepts without a
 standard code use the private coding scheme `99OCTAD`.
 """
@@ -15,7 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from service.dicom.results import MANUFACTURER, ResultIds, model_label
-from service.dicom.schemas import VolumeScoreResult
+from service.pipeline.results import VolumeResult
 
 SCHEME = "99OCTAD"
 ANOMALY_SCORE = hd.sr.CodedConcept("AS001", SCHEME, "OCT anomaly score")
@@ -23,6 +24,7 @@ THRESHOLD = hd.sr.CodedConcept("AS002", SCHEME, "Anomaly decision threshold")
 PERCENTILE = hd.sr.CodedConcept("AS003", SCHEME, "Percentile among normal scans")
 MAX_FRAME = hd.sr.CodedConcept("AS004", SCHEME, "Most anomalous frame number")
 DECISION = hd.sr.CodedConcept("AS005", SCHEME, "Anomaly decision")
+FRAMES_SCORED = hd.sr.CodedConcept("AS006", SCHEME, "Number of frames scored")
 PROCEDURE = hd.sr.CodedConcept("AS100", SCHEME, "Automated OCT anomaly screening")
 NO_UNITS, PERCENT = codes.UCUM.NoUnits, codes.UCUM.Percent
 
@@ -32,7 +34,7 @@ def named_score(name: str) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(f"S-{name}"[:16], SCHEME, f"Anomaly score: {name}")
 
 
-def build_sr(source: Dataset, result: VolumeScoreResult, ids: ResultIds) -> hd.sr.Comprehensive3DSR:
+def build_sr(source: Dataset, result: VolumeResult, ids: ResultIds) -> hd.sr.Comprehensive3DSR:
     """SR for `result`, scored from `source`; same study, series and instance UIDs from `ids`."""
     algorithm = hd.sr.AlgorithmIdentification(name=result.model.name, version=str(result.model.version),
                                               family=codes.DCM.ArtificialIntelligence)
@@ -45,26 +47,29 @@ def build_sr(source: Dataset, result: VolumeScoreResult, ids: ResultIds) -> hd.s
         return hd.sr.Measurement(name=name, value=value, unit=unit, algorithm_id=algorithm, referenced_images=[
             hd.sr.SourceImageForMeasurement(*ref, referenced_frame_numbers=[frame_number])])
 
-    max_number = result.max_frame + 1
+    d = result.decision
+    max_number = d.max_frame + 1
     volume_measurements = [
-        on_frame(ANOMALY_SCORE, result.score, NO_UNITS, max_number),
-        hd.sr.Measurement(name=THRESHOLD, value=result.threshold, unit=NO_UNITS, algorithm_id=algorithm),
-        on_frame(PERCENTILE, result.percentile, PERCENT, max_number),
+        on_frame(ANOMALY_SCORE, d.score, NO_UNITS, max_number),
+        hd.sr.Measurement(name=THRESHOLD, value=d.threshold, unit=NO_UNITS, algorithm_id=algorithm),
+        on_frame(PERCENTILE, d.percentile, PERCENT, max_number),
         hd.sr.Measurement(name=MAX_FRAME, value=max_number, unit=NO_UNITS),
-        *(on_frame(named_score(k), v, NO_UNITS, max_number) for k, v in sorted(result.scores.items())),
+        hd.sr.Measurement(name=FRAMES_SCORED, value=len(result.scored), unit=NO_UNITS, algorithm_id=algorithm),
+        *(on_frame(named_score(k), v, NO_UNITS, max_number) for k, v in sorted(result.top.scores.items())),
     ]
     groups = [hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=ids.tracking_uid("volume"), identifier="volume"),
         algorithm_id=algorithm, measurements=volume_measurements,
-        qualitative_evaluations=[decision(result.is_anomalous)])]
-    for f in result.frames:
+        qualitative_evaluations=[decision(d.is_anomalous)])]
+    for f in result.scored:
+        n, fd = f.index + 1, f.image.decision  # type: ignore[union-attr]
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=ids.tracking_uid(f"frame-{f.frame_number}"),
-                                                         identifier=f"frame {f.frame_number}"),
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=ids.tracking_uid(f"frame-{n}"),
+                                                         identifier=f"frame {n}"),
             algorithm_id=algorithm,
-            measurements=[on_frame(ANOMALY_SCORE, f.score, NO_UNITS, f.frame_number),
-                          on_frame(PERCENTILE, f.percentile, PERCENT, f.frame_number)],
-            qualitative_evaluations=[decision(f.is_anomalous)]))
+            measurements=[on_frame(ANOMALY_SCORE, fd.score, NO_UNITS, n),
+                          on_frame(PERCENTILE, fd.percentile, PERCENT, n)],
+            qualitative_evaluations=[decision(fd.is_anomalous)]))
     device = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(

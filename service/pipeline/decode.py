@@ -20,15 +20,12 @@ from PIL import Image
 
 from octcore.preprocess import gray_pixels
 
-with warnings.catch_warnings():  # torchvision 0.29 points at torchcodec; its image decoders still ship and work
+# torchvision 0.29 points at torchcodec; its image decoders still ship and work. The notice its decode calls repeat is
+# filtered where a serving process starts (service.logs.quiet_libraries), not here: importing changes no filter.
+with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     from torchvision.io import ImageReadMode, decode_jpeg, decode_png
 from service.errors import DecompressionBomb, ImageTooLarge, UndecodableImage, UnsupportedImage
-
-# The same notice comes on every decode call: filtered once, for that message only, rather than by a `catch_warnings`
-# block around each call (which copies the filter list every time).
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
-                        category=DeprecationWarning)
 
 # 8- and 16-bit gray, RGB(A), palette (and what PIL reports for the same data in other containers).
 SUPPORTED_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",

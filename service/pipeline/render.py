@@ -1,56 +1,69 @@
-"""Score maps → 8-bit heatmap images at the scanned region's aspect ratio.
+"""Score maps → 8-bit heatmaps laid on the scanned region, on the device where the maps are.
 
 Value scale: a pixel value v (0..255) stands for map value v / 255 * map_scale, where map_scale is the manifest's
 `calibration[<score>].map_scale` (a high percentile of that map on normal validation images). So 255 means "at or
 above what normal retinas reach", and the same gray level means the same evidence across images and requests.
 
-Two halves: `to_u8` (resize, scale, clip, round) runs in torch where the maps are — on the GPU when serving there,
-batched in the inference thread — so only uint8 pixels of the maps a request asked for cross to the host; `encode`
-then makes the image file per request on the CPU.
+Where a map lands (`octcore.scanmap`): region `scan`, the input was the crop box resized, so the map is resized to the
+box's aspect ratio (the longer side stays S); region `retina`, the input was a band of rows flattened under the RPE,
+so each column goes back to the rows of the box it came from (`unflatten`, 0 outside the band) at S columns. Either
+way the heatmap covers `Geometry.box`, and its size is `scan_size(geometry, S)`.
+
+`HeatmapRenderer` is the inference core's device stage: it runs in the inference thread on the batch's maps (on the
+GPU when serving there), images of one heatmap size together, so only uint8 pixels of the maps a request asked for
+cross to the host. Encoding them as image files is the REST layer's (`service.encode`).
 """
 
 from __future__ import annotations
 
-import base64
 import functools
-import io
-import struct
-from typing import Literal
+import logging
+from collections.abc import Sequence
 
 import numpy as np
 import torch
-from isal import isal_zlib  # Intel ISA-L's deflate behind zlib's API and format: several times zlib's speed
-from PIL import Image
 
+from octcore.manifest import Manifest
+from octcore.preprocess import Geometry
 from octcore.resize import taps
+from octcore.scanmap import scan_size, unflatten
+from service.inference.core import MapGroup
 
-HeatmapFormat = Literal["png", "webp", "jpeg"]
-MEDIA_TYPES: dict[str, str] = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
-
-
-def heatmap_size(box: tuple[int, int, int, int], size: int) -> tuple[int, int]:
-    """(width, height) with the longer side `size` and the crop box's aspect ratio."""
-    w, h = max(1, box[2] - box[0]), max(1, box[3] - box[1])
-    if w >= h:
-        return size, max(1, round(size * h / w))
-    return max(1, round(size * w / h)), size
+log = logging.getLogger("oct.render")
+Box = tuple[int, int, int, int]
 
 
-def to_u8(maps: torch.Tensor, map_scale: float, box: tuple[int, int, int, int]) -> torch.Tensor:
-    """Maps (..., S, S) sharing one crop box and one scale → uint8 (..., h, w) on their device:
-    value = rint(clip(map / map_scale, 0, 1) * 255). Resized with antialiased bilinear filtering, PIL's BILINEAR on
-    a float image (to float rounding)."""
+def to_u8(maps: torch.Tensor, map_scale: float, box: Box) -> torch.Tensor:
+    """Maps (..., S, S) of region-`scan` inputs sharing one crop box and one scale → uint8 (..., h, w) on their
+    device: value = rint(clip(map / map_scale, 0, 1) * 255). Resized with antialiased bilinear filtering, PIL's
+    BILINEAR on a float image (to float rounding)."""
     side = maps.shape[-1]
-    gain = 255.0 / (map_scale if map_scale > 0 else 1.0)
+    gain = _gain(map_scale)
     m = maps.float()
-    w, h = heatmap_size(box, side)  # the longer side stays S, so at most one axis is resized
+    w, h = scan_size(Geometry(box), side)  # the longer side stays S, so at most one axis is resized
     if h != side:
         q = _resize_axis(m, h, -2, gain)
     elif w != side:
         q = _resize_axis(m, w, -1, gain)
     else:
         q = m * gain
-    # Through int32: torch's direct float → uint8 cast on the CPU takes twice as long (values are 0..255 here).
+    return _quantize(q)
+
+
+def band_to_u8(maps: torch.Tensor, map_scale: float, band_top: torch.Tensor, band_rows: int,
+               height: int) -> torch.Tensor:
+    """Maps (N, S, S) of region-`retina` inputs, their band tops (N, S) in box rows → uint8 (N, height, S): each
+    column back on the box's rows (`octcore.scanmap.unflatten`, 0 outside the band), then the same scale."""
+    return _quantize(unflatten(maps, band_top, band_rows, height).mul_(_gain(map_scale)))
+
+
+def _gain(map_scale: float) -> float:
+    return 255.0 / (map_scale if map_scale > 0 else 1.0)
+
+
+def _quantize(q: torch.Tensor) -> torch.Tensor:
+    """Values in 0..255 units → uint8, NaN as 0. Through int32: torch's direct float → uint8 cast on the CPU takes
+    twice as long (values are 0..255 here)."""
     return q.nan_to_num_(0.0).clamp_(0.0, 255.0).round_().to(torch.int32).to(torch.uint8)
 
 
@@ -79,52 +92,48 @@ def _taps(n_in: int, n_out: int, device: torch.device) -> tuple[torch.Tensor, to
             torch.from_numpy(weight.T.astype(np.float32)).to(device))
 
 
-def _png(u8: np.ndarray) -> bytes:
-    """8-bit gray PNG, written for speed: the Sub filter (smooth maps become small differences) and ISA-L's level-1
-    deflate. On a real export's maps that takes 0.8× the time of zlib-ng's Huffman-only deflate (used before) and
-    is ~8 % smaller; on mostly flat maps (long runs) 6× faster and 2.5× smaller. PIL's adaptive filtering: ~5× more."""
-    h, w = u8.shape
-    rows = np.empty((h, w + 1), np.uint8)
-    rows[:, 0] = 1  # filter type Sub on every row
-    rows[:, 1] = u8[:, 0]
-    np.subtract(u8[:, 1:], u8[:, :-1], out=rows[:, 2:])
-    idat = isal_zlib.compress(rows, 1)
+class HeatmapRenderer:
+    """The device stage for a model's maps: {score name: uint8 heatmap} for every image whose tag (its `Geometry`)
+    asks for them, one score's maps at a time per group of images of one heatmap size. Stacking the scores first cost
+    ~40 % more CPU (a copy of every map, and every pass over a tensor K times larger)."""
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", isal_zlib.crc32(kind + data))
+    def __init__(self, manifest: Manifest, device: str) -> None:
+        self.size = manifest.input.size
+        self.device = device
+        # score name → the output holding its map; driven by the manifest so new scores need no service change.
+        self.score_maps = {k: s.map for k, s in manifest.scores.items() if s.map}
+        self.map_scales = {k: float(manifest.calibration[k].map_scale or 1.0) for k in self.score_maps}
+        for k in self.score_maps:
+            if not manifest.calibration[k].map_scale:
+                log.warning("calibration[%r] has no map_scale: its heatmap uses map_scale 1.0", k)
+        cfg = manifest.preprocessing_config()
+        self._band_rows = cfg.band_above + cfg.band_below if cfg.region == "retina" else 0
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    def warm_tag(self) -> Geometry:
+        """A tag of the kind real inputs bring, so warm-up runs the same kernels."""
+        box = (0, 0, self.size, self.size)
+        if not self._band_rows:
+            return Geometry(box)
+        return Geometry(box, np.zeros(self.size, np.float32), self._band_rows)
 
-
-def encode(u8: np.ndarray, fmt: HeatmapFormat = "png") -> bytes:
-    """uint8 (h, w) → image file bytes. PNG is lossless; WebP and JPEG are smaller and lossy (quality 90)."""
-    if fmt == "png":
-        return _png(np.ascontiguousarray(u8))
-    buf = io.BytesIO()
-    if fmt == "webp":
-        Image.fromarray(u8).save(buf, format="WEBP", quality=90, method=0)
-    else:
-        Image.fromarray(u8).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-def encode_all(maps: dict[str, np.ndarray], fmt: HeatmapFormat = "png") -> dict[str, str]:
-    """{score name: uint8 heatmap} → {score name: base64 image}."""
-    return {name: base64.b64encode(encode(u8, fmt)).decode("ascii") for name, u8 in maps.items()}
-
-
-def render(score_map: np.ndarray, map_scale: float, box: tuple[int, int, int, int],
-           fmt: HeatmapFormat = "png") -> bytes:
-    """One (S, S) map → image bytes: `to_u8` then `encode`, for callers that hold one map on the host."""
-    return encode(to_u8(_one_map(score_map), map_scale, box).numpy(), fmt)
-
-
-def render_all(maps: dict[str, np.ndarray], scales: dict[str, float], box: tuple[int, int, int, int],
-               fmt: HeatmapFormat = "png") -> dict[str, str]:
-    """{score name: its (S, S) map} → {score name: base64 image}."""
-    return encode_all({k: to_u8(_one_map(m), scales[k], box).numpy() for k, m in maps.items()}, fmt)
-
-
-def _one_map(score_map: np.ndarray) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(score_map, np.float32)).reshape(score_map.shape[-2:])
+    def __call__(self, out: dict[str, torch.Tensor], tags: Sequence[Geometry | None]) -> list[MapGroup]:
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, g in enumerate(tags):
+            if g is not None:
+                groups.setdefault(scan_size(g, self.size), []).append(i)
+        result: list[MapGroup] = []
+        for (_, h), idx in groups.items():
+            rows = None if len(idx) == len(tags) else torch.tensor(idx, device=self.device)  # usually all
+            first = tags[idx[0]]
+            assert first is not None
+            band_top = None
+            if first.band_top is not None:
+                band_top = torch.from_numpy(np.stack([tags[i].band_top for i in idx])).to(self.device)  # type: ignore[union-attr]
+            heat = {}
+            for k, name in self.score_maps.items():
+                m = out[name][:, 0]
+                m = m if rows is None else m.index_select(0, rows)
+                heat[k] = (to_u8(m, self.map_scales[k], first.box) if band_top is None
+                           else band_to_u8(m, self.map_scales[k], band_top, first.band_rows, h))
+            result.append((idx, heat))
+        return result

@@ -19,10 +19,10 @@ from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 
 from service.budget import inflight
-from service.deps import EngineDep, require_api_key, require_results_key
+from service.deps import PipelineDep, require_api_key, require_results_key
 from service.dicom.decode import identify
 from service.dicom.delivery import DeliveryWorker, Outbox, PacsTarget
-from service.dicom.errors import DicomProblem, ResultNotFound
+from service.dicom.errors import PROCESSING_FAILURE, DicomProblem, ResultNotFound
 from service.dicom.ingest import ingest
 from service.dicom.results import is_uid
 from service.dicom.schemas import ResultRecord, ResultSummary
@@ -39,10 +39,10 @@ from service.errors import (
     problem_responses,
 )
 from service.multipart import MultipartError, content_type_params, split_parts
+from service.pipeline.pipeline import Pipeline
 from service.upload import read_body
 
 log = logging.getLogger("oct.dicomweb")
-PROCESSING_FAILURE = 0x0110
 # A Host header: a DNS name or IPv4 address, or a bracketed IPv6 literal, then an optional port. Narrower than
 # RFC 3986's reg-name on purpose: the host goes into URLs other systems store, so nothing that could end or bend one.
 _HOST = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::(?P<port>[0-9]{1,5}))?")
@@ -142,27 +142,26 @@ _STOW_RESPONSES = {
 
 @router.post("/studies", summary="STOW-RS: score DICOM instances", openapi_extra=_STOW_BODY,
              responses=_STOW_RESPONSES, response_class=JSONResponse)
-async def stow(request: Request, engine: EngineDep, outbox: OutboxDep) -> JSONResponse:
-    return await _stow(request, engine, outbox, None)
+async def stow(request: Request, pipeline: PipelineDep, outbox: OutboxDep) -> JSONResponse:
+    return await _stow(request, pipeline, outbox, None)
 
 
 @router.post("/studies/{study}", summary="STOW-RS: score DICOM instances of one study", openapi_extra=_STOW_BODY,
              responses=_STOW_RESPONSES, response_class=JSONResponse)
-async def stow_study(request: Request, engine: EngineDep, outbox: OutboxDep,
+async def stow_study(request: Request, pipeline: PipelineDep, outbox: OutboxDep,
                      study: Annotated[str, Path(description="Study Instance UID")]) -> JSONResponse:
     if not is_uid(study):
         raise BadRequest(f"{study!r} is not a UID")
-    return await _stow(request, engine, outbox, study)
+    return await _stow(request, pipeline, outbox, study)
 
 
-async def _stow(request: Request, engine: EngineDep, outbox: Outbox, study: str | None) -> JSONResponse:
+async def _stow(request: Request, pipeline: Pipeline, outbox: Outbox, study: str | None) -> JSONResponse:
     media, params = content_type_params(request.headers.get("content-type", ""))
     if media != "multipart/related" or params.get("type", "application/dicom").lower() != "application/dicom":
         raise UnsupportedMediaType(f"STOW-RS takes multipart/related; type=\"application/dicom\", got "
                                    f"{request.headers.get('content-type') or '(none)'!r}")
-    if not engine.ready:
-        raise NotReady(engine.not_ready_reason, headers={"Retry-After": str(engine.settings.retry_after_s)})
-    body = await read_body(request, engine.settings)
+    pipeline.check_ready()
+    body = await read_body(request, pipeline.settings)
     try:
         parts = split_parts(body, params.get("boundary", ""))
     except MultipartError as e:
@@ -178,8 +177,9 @@ async def _stow(request: Request, engine: EngineDep, outbox: Outbox, study: str 
             log.warning("STOW part %d refused: Content-Type %s", n, part.media_type)
             continue
         try:
-            record = await ingest(engine, outbox, part.body, base_url=base_url, study=study, deliver=worker is not None,
-                                  request_id=request.scope.get("oct.request_id"), voxels=inflight(request.app).voxels)
+            record = await ingest(pipeline, outbox, part.body, base_url=base_url, study=study,
+                                  deliver=worker is not None, request_id=request.scope.get("oct.request_id"),
+                                  voxels=inflight(request.app).voxels)
         except DicomProblem as e:
             sop_class, sop_uid = identify(part.body)
             outcome.failed.append((sop_class, sop_uid, e.failure_reason))
@@ -204,7 +204,7 @@ async def _stow(request: Request, engine: EngineDep, outbox: Outbox, study: str 
         if worker is not None:
             worker.notify()
     audit = request.scope.setdefault("oct.audit", {})
-    audit.update(model=engine.manifest.name, model_version=engine.manifest.version, stored=len(outcome.stored),
+    audit.update(model=pipeline.model.name, model_version=pipeline.model.version, stored=len(outcome.stored),
                  failed=len(outcome.failed))
     return JSONResponse(outcome.to_json(), status_code=outcome.http_status, media_type=DICOM_JSON)
 

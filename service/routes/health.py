@@ -21,7 +21,7 @@ async def healthz() -> Health:
 async def readyz(request: Request) -> Health | JSONResponse:
     # Not ready while warming, from the first moment of a drain (while requests are still answered), and while any
     # other worker process is not ready: a probe reaches one worker but speaks for the port.
-    reason = request.app.state.serving.not_ready_reason(getattr(request.app.state, "engine", None))
+    reason = request.app.state.serving.not_ready_reason(getattr(request.app.state, "pipeline", None))
     if reason is not None:
         raise NotReady(reason, headers={"Retry-After": "1"})
     return Health(status="ready")

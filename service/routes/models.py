@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from service.deps import EngineDep, require_api_key
+from service.answers import model_summary
+from service.deps import PipelineDep, require_api_key
 from service.errors import NotReady, Unauthorized, problem_responses
 from service.schemas import ModelSummary
 
@@ -13,5 +14,5 @@ router = APIRouter(tags=["models"], dependencies=[Depends(require_api_key)])
 
 @router.get("/models", response_model=ModelSummary, responses=problem_responses(Unauthorized, NotReady),
             summary="The loaded model")
-async def models(engine: EngineDep) -> ModelSummary:
-    return engine.summary()
+async def models(pipeline: PipelineDep) -> ModelSummary:
+    return model_summary(pipeline)

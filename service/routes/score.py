@@ -1,17 +1,18 @@
-"""`POST /score`: one B-scan in (multipart `file` or a raw image body), scores, decision and heatmaps out."""
+"""`POST /score`: one B-scan (multipart `file` or a raw image body) or one DICOM object in, scores, decision and
+heatmaps out. The route reads the upload and hands it to the pipeline (service.pipeline): decode → preprocess →
+infer → decide → render; the answer (service.answers) encodes the heatmaps. Its key, pipeline and query arrive
+through FastAPI's dependencies, and FastAPI checks the answer against the response model."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
-from fastapi import APIRouter, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
-from pydantic import BaseModel, ValidationError
+from fastapi import APIRouter, Depends, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.deps import SECURITY_REQUIREMENTS, authorize, get_engine
+from service.answers import image_answer
+from service.deps import PipelineDep, ScoreQueryDep, require_api_key
 from service.dicom.decode import is_dicom
 from service.dicom.ingest import score_dicom_upload
 from service.dicom.schemas import VolumeScoreResult
@@ -21,6 +22,7 @@ from service.errors import (
     DecompressionBomb,
     ImageTooLarge,
     InvalidParameters,
+    NoRetina,
     NotReady,
     Overloaded,
     PayloadTooLarge,
@@ -30,51 +32,27 @@ from service.errors import (
     UnsupportedMediaType,
     problem_responses,
 )
-from service.imaging import DECODERS, Decoder, Limits, decoder_for_upload
 from service.multipart import content_type_params
-from service.schemas import ScoreQuery, ScoreResult
+from service.pipeline.decode import DECODERS, Decoder, Limits, decoder_for_upload
+from service.schemas import ScoreResult
 from service.settings import Settings
 from service.upload import read_body
 
-# The hot path reads its key, query and body itself, and says so in OpenAPI (`openapi_extra`; the schema is the same
-# as with `Depends`). FastAPI solves a route's dependencies and parameters anew on every request: for the key's two
-# security schemes, the engine and the query model that was 540 of the 1,240 Python calls a request made besides
-# decoding, and 8 % of the service's CPU per request with a scorer that costs nothing. Other routes keep `Depends`.
-router = APIRouter(tags=["score"])
+router = APIRouter(tags=["score"], dependencies=[Depends(require_api_key)])
 
 _MAX_PARTS = 16  # form fields and files in one upload: the file and a few a client adds (names, notes)
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
+# The body is read by the route (a form file or a raw body of any of these types), so OpenAPI is told its shapes.
+_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                       "properties": {"file": {"type": "string", "format": "binary"}}}},
+    **{t: _BINARY for t in ("image/png", "image/jpeg", "image/tiff", "image/bmp", "application/dicom")},
+}}}
 
 
-def _query_parameters() -> list[dict[str, Any]]:
-    """`ScoreQuery`'s fields as OpenAPI query parameters, as FastAPI would list them for `Query()` parameters."""
-    schema = ScoreQuery.model_json_schema()
-    return [{"name": name, "in": "query", "required": False, "description": field.get("description", ""),
-             "schema": field}
-            for name, field in schema["properties"].items()]
-
-
-_OPENAPI = {
-    "requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
-                                           "properties": {"file": {"type": "string", "format": "binary"}}}},
-        **{t: _BINARY for t in ("image/png", "image/jpeg", "image/tiff", "image/bmp", "application/dicom")},
-    }},
-    "parameters": _query_parameters(),
-    "security": SECURITY_REQUIREMENTS,
-}
-
-
-def score_query(request: Request) -> ScoreQuery:
-    """The query string as `ScoreQuery`; a bad value is the 422 problem FastAPI's own validation gives."""
-    try:
-        return ScoreQuery.model_validate(dict(request.query_params))
-    except ValidationError as e:
-        raise RequestValidationError([{**err, "loc": ("query", *err["loc"])} for err in e.errors()]) from e
-
-
-async def read_upload(request: Request, settings: Settings) -> tuple[bytes, Decoder]:
-    """The upload's bytes and the decoder for them; the body size limit is enforced while it streams in."""
+async def read_upload(request: Request, settings: Settings) -> tuple[bytes, Decoder | None]:
+    """The upload's bytes and the decoder for them (None: DICOM); the body size limit is enforced while it streams
+    in."""
     media, _ = content_type_params(request.headers.get("content-type", ""))
     if media == "multipart/form-data":
         data = await _form_file(request)
@@ -109,37 +87,24 @@ async def _form_file(request: Request) -> bytes:
 
 
 @router.post(
-    "/score", response_model=ScoreResult | VolumeScoreResult, response_model_exclude_none=True,
-    openapi_extra=_OPENAPI,
+    "/score", response_model=ScoreResult | VolumeScoreResult, response_model_exclude_none=True, openapi_extra=_BODY,
     responses=problem_responses(BadRequest, Unauthorized, PayloadTooLarge, UnsupportedMediaType, UndecodableImage,
-                                ImageTooLarge, DecompressionBomb, UnsupportedImage, InvalidParameters, Overloaded,
-                                Busy, NotReady),
+                                ImageTooLarge, DecompressionBomb, UnsupportedImage, NoRetina, InvalidParameters,
+                                Overloaded, Busy, NotReady),
     summary="Score one OCT B-scan",
 )
-async def score(request: Request) -> Response:
+async def score(request: Request, pipeline: PipelineDep, query: ScoreQueryDep) -> ScoreResult | VolumeScoreResult:
     started = time.perf_counter()
-    authorize(request)  # the order FastAPI would solve them in: key, engine, query
-    engine = await get_engine(request)
-    query = score_query(request)
-    heatmaps, heatmap_format, preview = query.heatmaps, query.heatmap_format, query.preview
-    settings = engine.settings  # the app's settings; not a second dependency to solve on every request
-    request.scope["oct.audit"] = {"model": engine.manifest.name, "model_version": engine.manifest.version}
-    if not engine.ready:  # before reading the upload: a client should not send megabytes to be refused
-        raise NotReady(engine.not_ready_reason, headers={"Retry-After": str(settings.retry_after_s)})
-    data, decoder = await read_upload(request, settings)
+    request.scope["oct.audit"] = {"model": pipeline.model.name, "model_version": pipeline.model.version}
+    pipeline.check_ready()  # before reading the upload: a client should not send megabytes to be refused
+    data, decoder = await read_upload(request, pipeline.settings)
     if decoder is None or is_dicom(data):  # a DICOM object: per-frame + volume scores (service/dicom)
-        return _json(await score_dicom_upload(request, engine, data, heatmaps=heatmaps, preview=preview,
-                                              started=started))
-    limits = Limits(max_side=settings.max_image_side, max_pixels=settings.max_image_pixels)
-    result = await engine.score_upload(data, decoder, limits, heatmaps=heatmaps, heatmap_format=heatmap_format,
-                                       preview=preview, request_id=request.scope.get("oct.request_id"),
-                                       started=started)
-    request.scope["oct.audit"].update(score=result.score, is_anomalous=result.is_anomalous,
-                                      percentile=round(result.percentile, 2))
-    return _json(result)
-
-
-def _json(result: BaseModel) -> Response:
-    """Serialise once, in pydantic's Rust core. The model was validated when it was built; returning it for FastAPI
-    to check against `response_model` and encode again cost more than the rest of the response."""
-    return Response(result.model_dump_json(exclude_none=True), media_type="application/json")
+        return await score_dicom_upload(request, pipeline, data, heatmaps=query.heatmaps, preview=query.preview,
+                                        started=started)
+    limits = Limits(max_side=pipeline.settings.max_image_side, max_pixels=pipeline.settings.max_image_pixels)
+    result = await pipeline.score_upload(data, decoder, limits, maps=query.heatmaps, preview=query.preview)
+    answer = await image_answer(pipeline, result, started=started, request_id=request.scope.get("oct.request_id"),
+                                heatmap_format=query.heatmap_format)
+    request.scope["oct.audit"].update(score=answer.score, is_anomalous=answer.is_anomalous,
+                                      percentile=round(answer.percentile, 2))
+    return answer

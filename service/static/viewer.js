@@ -130,24 +130,27 @@ function buildVolume() {
   const n = shown.frames.length;
   el.volume.hidden = !shown.answer.frames || n < 2;
   el.frame.max = String(n - 1);
-  const scores = shown.frames.map((f) => f.score);
+  // A frame the model could not read (no retina) has no score: a dashed bar, left out of the scale.
+  const scores = shown.frames.filter((f) => !f.refused).map((f) => f.score);
   const lo = Math.min(...scores), hi = Math.max(...scores);
   el.strip.replaceChildren(...shown.frames.map((f, i) => {
     const bar = document.createElement("button");
     bar.type = "button";
     bar.tabIndex = -1; // the slider is the keyboard control; 100 tab stops would not be
-    bar.className = f.is_anomalous ? "bar over" : "bar";
-    bar.dataset.score = String(f.score);
-    bar.style.setProperty("--h", `${hi > lo ? 15 + 85 * (f.score - lo) / (hi - lo) : 60}%`);
-    bar.title = `Frame ${i + 1}: score ${fmt(f.score)}`;
+    bar.className = f.refused ? "bar refused" : f.is_anomalous ? "bar over" : "bar";
+    bar.dataset.score = f.refused ? "" : String(f.score);
+    bar.style.setProperty("--h", f.refused ? "15%" : `${hi > lo ? 15 + 85 * (f.score - lo) / (hi - lo) : 60}%`);
+    bar.title = f.refused ? `Frame ${i + 1}: not scored (${f.refused})` : `Frame ${i + 1}: score ${fmt(f.score)}`;
     bar.addEventListener("click", () => showFrame(i));
     return bar;
   }));
   const over = shown.frames.filter((f) => f.is_anomalous).length;
+  const refused = shown.frames.filter((f) => f.refused).length;
   el.volumeSummary.hidden = !shown.answer.frames;
   el.volumeSummary.textContent = shown.answer.frames
-    ? `Volume of ${n} frame${n === 1 ? "" : "s"}: ${over} above the threshold. The most anomalous is frame `
-      + `${shown.answer.max_frame + 1} (score ${fmt(shown.answer.score)}).` : "";
+    ? `Volume of ${n} frame${n === 1 ? "" : "s"}: ${over} above the threshold`
+      + (refused ? `, ${refused} not scored (no retina found) and left out` : "")
+      + `. The most anomalous is frame ${shown.answer.max_frame + 1} (score ${fmt(shown.answer.score)}).` : "";
 }
 
 async function showFrame(i) {
@@ -155,7 +158,8 @@ async function showFrame(i) {
   const f = shown.frames[i], n = shown.frames.length;
   el.frame.value = String(i);
   el.frameLabel.textContent = `${i + 1} of ${n}`;
-  el.frame.setAttribute("aria-valuetext", `Frame ${i + 1} of ${n}, score ${fmt(f.score)}`
+  el.frame.setAttribute("aria-valuetext", `Frame ${i + 1} of ${n}, `
+                        + (f.refused ? "not scored" : `score ${fmt(f.score)}`)
                         + (f.is_anomalous ? ", above the threshold" : ""));
   [...el.strip.children].forEach((b, j) => b.classList.toggle("current", j === i));
   describe(f);
@@ -173,16 +177,26 @@ function describe(f) {
   const threshold = shown.answer.threshold;
   const info = model && model.scores[model.primary_score];
   const tp = info ? info.threshold_percentile : null;
+  el.scoreLabel.textContent = model ? `Score (${model.primary_score})` : "Score";
+  el.threshold.textContent = fmt(threshold) + (tp == null ? "" : ` (${ordinal(tp)} percentile of normal scans)`);
+  if (f.refused) { // a frame of a volume the model could not read
+    el.verdict.textContent = "Not scored";
+    el.verdict.className = "";
+    el.explain.textContent = `The model found no retina in this frame (${f.refused.replace(/^no retina: /, "")}). `
+      + "It is left out of the volume's score.";
+    el.score.textContent = "–";
+    el.score.dataset.value = "";
+    el.percentile.textContent = "–";
+    return;
+  }
   const side = f.score > threshold ? "above" : f.score < threshold ? "below" : "at";
   el.verdict.textContent = f.is_anomalous ? "Outside the normal range" : "Within the normal range";
   el.verdict.className = f.is_anomalous ? "over" : "normal";
   el.explain.textContent = `The score is ${side} the threshold`
     + (tp == null ? "." : `, which is the ${ordinal(tp)} percentile of normal scans.`)
     + (f.is_anomalous ? " Review recommended." : "");
-  el.scoreLabel.textContent = model ? `Score (${model.primary_score})` : "Score";
   el.score.textContent = fmt(f.score);
   el.score.dataset.value = String(f.score);
-  el.threshold.textContent = fmt(threshold) + (tp == null ? "" : ` (${ordinal(tp)} percentile of normal scans)`);
   const p = f.percentile;
   el.percentile.textContent = p >= 100 ? "Higher than every normal scan in the calibration set"
     : p <= 0 ? "Lower than every normal scan in the calibration set"

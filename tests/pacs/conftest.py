@@ -11,11 +11,11 @@ from live import Service, local_service
 
 
 @pytest.fixture(scope="session")
-def service(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+def service(fixture_model, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """`local_service` on the tiny model; its results folder is `service.results`. Shared: every instance a test
     stores gets fresh UIDs (tests/pacs/oct_dicom.py), so tests look their own results up and never count the folder."""
     tmp = tmp_path_factory.mktemp("pacs-service")
-    svc = local_service(tiny_model, tmp)
+    svc = local_service(fixture_model, tmp)
     svc.results = tmp / "results"  # type: ignore[attr-defined]
     svc.start()
     yield svc

@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from service import launch
+from service.launch import ROOT, free_port
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["DEFAULTS", "ROOT", "Service", "free_port", "local_service", "post_dicom", "running", "wait_for"]
 
 
 def wait_for(what: str, check: Callable[[], object], timeout: float = 90.0, every: float = 0.3) -> object:
@@ -39,42 +32,40 @@ def wait_for(what: str, check: Callable[[], object], timeout: float = 90.0, ever
 DEFAULTS = {"OCT_WARMUP": "false", "OCT_DRAIN_DELAY_S": "0"}
 
 
-class Service:
-    """`python -m service` as a subprocess on a free port."""
+class Service(launch.ServiceProcess):
+    """`python -m service` as a subprocess on a free port; `start()` waits until it is ready."""
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, **DEFAULTS, **env, "OCT_PORT": str(self.port)}
-        self.log = log
-        self.proc: subprocess.Popen | None = None
+        super().__init__({**DEFAULTS, **env}, log_path=log)
 
-    def start(self) -> None:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=self.env, stdout=out,
-                                         stderr=subprocess.STDOUT)
-
-        def ready() -> bool:
-            assert self.proc is not None and self.proc.poll() is None, f"service exited: {self.log.read_text()[-2000:]}"
-            try:
-                return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for("the service to be ready", ready, timeout=120)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    def start(self, wait: bool = True, timeout: float = 120.0) -> Service:
+        try:
+            super().start(wait, timeout)
+        except launch.StartFailed as e:
+            pytest.fail(f"service {e}")
+        return self
 
 
-def local_service(tiny_model, tmp: Path) -> Service:
-    """A service on loopback serving the tests' tiny model, results in `tmp/results`, no PACS to deliver to."""
-    return Service({"OCT_MODEL_STORE": str(tiny_model.store), "OCT_MODEL_NAME": tiny_model.name, "OCT_DEVICE": "cpu",
+def local_service(model, tmp: Path) -> Service:
+    """A service on loopback serving `model` (the fixture scorer), results in `tmp/results`, no PACS to deliver to."""
+    return Service({"OCT_MODEL_STORE": str(model.store), "OCT_MODEL_NAME": model.name, "OCT_DEVICE": "cpu",
                     "OCT_HOST": "127.0.0.1", "OCT_TORCH_THREADS": "1", "OCT_MAX_BATCH_SIZE": "4",
                     "OCT_RESULTS_DIR": str(tmp / "results"), "OCT_PACS_STOW_URL": ""}, tmp / "service.log")
+
+
+@contextmanager
+def running(model, tmp: Path, **env: str) -> Iterator[Service]:
+    """`local_service(model, tmp)` with `env` added, started (ready) for the block and stopped after it."""
+    svc = local_service(model, tmp)
+    svc.env.update(env)
+    svc.start()
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+def post_dicom(service: Service, data: bytes, **params: str) -> httpx.Response:
+    """`POST /score` with a DICOM body."""
+    return httpx.post(f"{service.url}/score", params=params, content=data,
+                      headers={"Content-Type": "application/dicom"}, timeout=120)

@@ -17,6 +17,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from service.pipeline.results import Decision, FrameResult, ImageResult, ModelId, Timing, VolumeResult
+
 OPT = "1.2.840.10008.5.1.4.1.1.77.1.5.4"
 PHI = {"PatientName": "Secretname^Jane", "PatientID": "PHI-98765", "PatientBirthDate": "19500101"}
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -182,3 +184,20 @@ def _item(**attributes: object) -> Dataset:
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:
     return _item(CodeValue=value, CodingSchemeDesignator=scheme, CodeMeaning=meaning)
+
+
+MODEL = ModelId(name="tiny", version=3)
+
+
+def volume_result(scores=(0.1, 0.9, 0.3)) -> VolumeResult:
+    """A volume's result as the pipeline answers it; a score of None is a refused frame."""
+    def image(s: float) -> ImageResult:
+        return ImageResult(scores={"residual": s, "alm": s / 2},
+                           decision=Decision(s, 0.5, s > 0.5, min(100.0, s * 100), 0, 1), box=(0, 0, 96, 64),
+                           maps=None, gray=None, timing=Timing(0.0, 0.0))
+
+    frames = [FrameResult(i, image(s)) if s is not None else FrameResult(i, None, refused="no retina: blank")
+              for i, s in enumerate(scores)]
+    top = max((i for i, s in enumerate(scores) if s is not None), key=lambda i: scores[i])
+    return VolumeResult(frames=frames, decision=Decision(scores[top], 0.5, True, min(100.0, scores[top] * 100), top,
+                                                         1), model=MODEL)

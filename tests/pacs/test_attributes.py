@@ -3,7 +3,6 @@ on the corpus of tests/pacs/malformed.py (decoded as the service decodes it) and
 
 from __future__ import annotations
 
-import base64
 import io
 
 import highdicom as hd
@@ -11,23 +10,14 @@ import numpy as np
 import pydicom
 import pytest
 from malformed import CASES, malformed
-from oct_dicom import conformant_oct, oct_dataset, phantom_frames, to_bytes
-from PIL import Image
+from oct_dicom import MODEL, conformant_oct, oct_dataset, phantom_frames, to_bytes, volume_result
 from pydicom.datadict import dictionary_VR
-from test_builders import MODEL, _result
 
-from octcore.preprocess import Preprocessing
 from service.dicom.attributes import TYPE2_COPIED, _ascii_printable, _fix, prepare_source
 from service.dicom.decode import decode_dicom
 from service.dicom.results import ResultIds
 from service.dicom.sc import build_sc
 from service.dicom.sr import build_sr
-
-
-def _heatmap_png(rows: int, cols: int) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(np.full((rows, cols), 128, np.uint8)).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def _reread(obj: pydicom.Dataset) -> pydicom.Dataset:
@@ -54,10 +44,10 @@ def test_each_case_is_repaired_or_left_out_and_the_results_build(case: str) -> N
             assert dictionary_VR(keyword) == ds[keyword].VR, f"{keyword} keeps the VR {ds[keyword].VR}"
             assert keyword in repairs.repaired or written.raw.strip(b"\x00 ").decode("latin-1") == written.expected
     assert not set(repairs.repaired) & set(repairs.left_out)
-    result = _result(image, scores=(0.2, 0.8))
+    result = volume_result((0.2, 0.8))
     ids = ResultIds(image.series_instance_uid, image.sop_instance_uid, MODEL)
     sr = _reread(build_sr(ds, result, ids))
-    sc = _reread(build_sc(ds, gray, "fused", _heatmap_png(96, 128), Preprocessing(size=64), result, ids))
+    sc = _reread(build_sc(ds, gray, "fused", np.full((48, 64), 128, np.uint8), (0, 0, 128, 96), result, ids))
     for built in (sr, sc):  # what the results copy: the repaired values, empty Type 2 attributes
         for keyword in TYPE2_COPIED:
             assert keyword in built, keyword

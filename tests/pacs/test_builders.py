@@ -2,36 +2,18 @@
 
 from __future__ import annotations
 
-import base64
 import io
 
 import highdicom as hd
 import numpy as np
 import pydicom
-from oct_dicom import PHI, oct_dataset, phantom_frames, to_bytes
-from PIL import Image
+from oct_dicom import MODEL, PHI, oct_dataset, phantom_frames, to_bytes, volume_result
 
-from octcore.preprocess import Preprocessing
 from service.dicom.decode import decode_dicom
 from service.dicom.results import MANUFACTURER, ResultIds
 from service.dicom.sc import build_sc
-from service.dicom.schemas import FrameScore, VolumeScoreResult
-from service.dicom.sr import ANOMALY_SCORE, build_sr
-from service.schemas import ModelRef, TimingMs
-
-MODEL = ModelRef(name="tiny", version=3)
-
-
-def _result(image, scores=(0.1, 0.9, 0.3)) -> VolumeScoreResult:
-    frames = [FrameScore(index=i, frame_number=i + 1, score=s, scores={"residual": s, "alm": s / 2},
-                         is_anomalous=s > 0.5, percentile=min(100.0, s * 100)) for i, s in enumerate(scores)]
-    top = int(np.argmax(scores))
-    return VolumeScoreResult(
-        request_id="r", model=MODEL, study_instance_uid=image.study_instance_uid,
-        series_instance_uid=image.series_instance_uid, sop_instance_uid=image.sop_instance_uid,
-        sop_class_uid=image.sop_class_uid, number_of_frames=len(scores), score=scores[top],
-        scores=frames[top].scores, threshold=0.5, is_anomalous=True, percentile=frames[top].percentile,
-        max_frame=top, frames=frames, timing_ms=TimingMs(queue=0, inference=0, total=0))
+from service.dicom.sr import ANOMALY_SCORE, FRAMES_SCORED, build_sr
+from service.pipeline.results import ModelId
 
 
 def _roundtrip(obj) -> pydicom.Dataset:
@@ -42,7 +24,7 @@ def _roundtrip(obj) -> pydicom.Dataset:
 
 def test_sr_same_study_new_series_scores_and_frames() -> None:
     image = decode_dicom(to_bytes(oct_dataset(phantom_frames(3, 64, 96))))
-    result = _result(image)
+    result = volume_result()
     ids = ResultIds(image.series_instance_uid, image.sop_instance_uid, MODEL)
     ds = _roundtrip(build_sr(image.dataset, result, ids))
     assert ds.StudyInstanceUID == image.study_instance_uid
@@ -57,27 +39,40 @@ def test_sr_same_study_new_series_scores_and_frames() -> None:
     values = {g.tracking_identifier: [m.value for m in g.get_measurements(name=ANOMALY_SCORE)]
               for g in measurement_groups}
     assert values == {"volume": [0.9], "frame 1": [0.1], "frame 2": [0.9], "frame 3": [0.3]}
+    assert [m.value for m in measurement_groups[0].get_measurements(name=FRAMES_SCORED)] == [3]
     assert "tiny" in str(ds.SoftwareVersions) and "3" in str(ds.SoftwareVersions)
+
+
+def test_sr_and_sc_of_a_partly_refused_volume_say_how_many_frames_were_scored() -> None:
+    frames = phantom_frames(3, 64, 96)
+    image = decode_dicom(to_bytes(oct_dataset(frames)))
+    result = volume_result((0.2, None, 0.7))
+    ids = ResultIds(image.series_instance_uid, image.sop_instance_uid, MODEL)
+    report = hd.sr.MeasurementReport.from_sequence([hd.sr.Comprehensive3DSR.from_dataset(
+        _roundtrip(build_sr(image.dataset, result, ids)))])
+    groups = report.get_image_measurement_groups()
+    assert [g.tracking_identifier for g in groups] == ["volume", "frame 1", "frame 3"]  # no group for frame 2
+    assert [m.value for m in groups[0].get_measurements(name=FRAMES_SCORED)] == [2]
+    sc = _roundtrip(build_sc(image.dataset, image.frames[2], "residual", np.zeros((64, 96), np.uint8),
+                             (0, 0, 96, 64), result, ids))
+    assert "frame 3 of 3" in sc.ImageComments and "2 of 3 frames scored" in sc.ImageComments
 
 
 def test_result_uids_are_deterministic_per_source_and_model() -> None:
     a = ResultIds("1.2.3", "1.2.3.4", MODEL)
     assert a.sr_sop_uid == ResultIds("1.2.3", "1.2.3.4", MODEL).sr_sop_uid
-    assert a.sr_sop_uid != ResultIds("1.2.3", "1.2.3.4", ModelRef(name="tiny", version=4)).sr_sop_uid
+    assert a.sr_sop_uid != ResultIds("1.2.3", "1.2.3.4", ModelId(name="tiny", version=4)).sr_sop_uid
     assert len({a.sr_sop_uid, a.sc_sop_uid, a.sr_series_uid, a.sc_series_uid}) == 4
 
 
 def test_sc_overlay_rgb_of_max_frame() -> None:
     frames = phantom_frames(3, 64, 96)
     image = decode_dicom(to_bytes(oct_dataset(frames)))
-    result = _result(image)
-    heat = np.zeros((64, 96), np.uint8)
-    heat[20:40, 30:60] = 255
-    buf = io.BytesIO()
-    Image.fromarray(heat).save(buf, format="PNG")
+    result = volume_result()
+    heat = np.zeros((32, 48), np.uint8)  # half the box's size: stretched over it
+    heat[10:20, 15:30] = 255
     ids = ResultIds(image.series_instance_uid, image.sop_instance_uid, MODEL)
-    sc = build_sc(image.dataset, image.frames[1], "residual", base64.b64encode(buf.getvalue()).decode(),
-                  Preprocessing(size=64), result, ids)
+    sc = build_sc(image.dataset, image.frames[1], "residual", heat, (0, 0, 96, 64), result, ids)
     ds = _roundtrip(sc)
     assert ds.StudyInstanceUID == image.study_instance_uid and ds.SOPInstanceUID == ids.sc_sop_uid
     assert ds.PhotometricInterpretation == "RGB" and ds.SamplesPerPixel == 3
@@ -87,3 +82,4 @@ def test_sc_overlay_rgb_of_max_frame() -> None:
     assert hot[0] > hot[2] + 50  # red-yellow where the heatmap is high
     assert abs(cold[0] - cold[2]) <= 1 and abs(int(cold[0]) - round(frames[1][5, 5])) <= 1  # plain gray elsewhere
     assert ds.SourceImageSequence[0].ReferencedFrameNumber == 2
+    assert "frame 2 of 3" in ds.ImageComments and "frames scored" not in ds.ImageComments

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
-from live import Service
+from live import Service, post_dicom
 from oct_dicom import PHI, compress, oct_dataset, phantom_frames, to_bytes
 from PIL import Image
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless
@@ -21,11 +21,6 @@ from service.multipart import build_related
 
 pytestmark = pytest.mark.slow
 FRAMES = phantom_frames(3, 96, 128, seed=1)
-
-
-def post_dicom(service: Service, data: bytes, **params: str) -> httpx.Response:
-    return httpx.post(f"{service.url}/score", params=params, content=data,
-                      headers={"Content-Type": "application/dicom"}, timeout=60)
 
 
 def stow(service: Service, bodies: list[bytes], study: str | None = None) -> httpx.Response:
@@ -40,7 +35,7 @@ def png(frame: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def test_volume_scores_per_frame_equal_png_scores(service: Service, tiny_model) -> None:
+def test_volume_scores_per_frame_equal_png_scores(service: Service, fixture_model) -> None:
     ds = oct_dataset(FRAMES)
     r = post_dicom(service, to_bytes(ds), heatmaps="true")
     assert r.status_code == 200, r.text
@@ -60,7 +55,7 @@ def test_volume_scores_per_frame_equal_png_scores(service: Service, tiny_model) 
     assert body["max_frame"] == int(np.argmax(scores))
     # The volume's score is its most anomalous frame's (export's default window of one frame), its threshold the
     # fitted normal tail's for the maximum of 3 frames; each frame is judged against the B-scan threshold.
-    manifest = read_manifest(tiny_model.version_dir)
+    manifest = read_manifest(fixture_model.version_dir)
     cal = manifest.calibration[manifest.primary_score]
     assert cal.volume_window == 1 and body["volume_window"] == 1 and body["aggregation"] == "window_mean_max"
     assert body["score"] == max(scores)

@@ -77,9 +77,9 @@ class Orthanc:
 
 
 @pytest.fixture
-def stack(tiny_model, tmp_path: Path) -> Iterator[tuple[Service, Orthanc]]:
+def stack(fixture_model, tmp_path: Path) -> Iterator[tuple[Service, Orthanc]]:
     # The two need each other's URL: pick the service port first, hand it to Orthanc's config.
-    env = {"OCT_MODEL_STORE": str(tiny_model.store), "OCT_MODEL_NAME": tiny_model.name, "OCT_DEVICE": "cpu",
+    env = {"OCT_MODEL_STORE": str(fixture_model.store), "OCT_MODEL_NAME": fixture_model.name, "OCT_DEVICE": "cpu",
            "OCT_HOST": "127.0.0.1", "OCT_TORCH_THREADS": "1", "OCT_MAX_BATCH_SIZE": "4", "OCT_LOG_FORMAT": "json",
            "OCT_RESULTS_DIR": str(tmp_path / "results"), "OCT_PACS_USERNAME": "oct", "OCT_PACS_PASSWORD": PASSWORD,
            "OCT_PACS_RETRY_BACKOFF_S": "0.2", "OCT_PACS_TIMEOUT_S": "10", "OCT_MAX_UPLOAD_BYTES": str(256 << 20)}
@@ -95,10 +95,10 @@ def stack(tiny_model, tmp_path: Path) -> Iterator[tuple[Service, Orthanc]]:
         orthanc.stop()
 
 
-def phantom_volume(tiny_model, n: int = 3) -> np.ndarray:
-    """n B-scans from the phantom test set the tiny model was evaluated on, as uint8 (n, 248, 256)."""
-    paths = sorted(tiny_model.data_root.rglob("*.jpeg"))[:n]
-    assert len(paths) == n, f"no phantom JPEGs under {tiny_model.data_root}"
+def real_volume(n: int = 3) -> np.ndarray:
+    """n real B-scans (tests/data/kermany) as uint8 (n, 248, 256)."""
+    paths = sorted((ROOT / "tests" / "data" / "kermany").glob("*.jpeg"))[:n]
+    assert len(paths) == n, "tests/data/kermany holds the real sample scans"
     return np.stack([np.asarray(Image.open(p).convert("L").resize((256, 248))) for p in paths])
 
 
@@ -116,9 +116,9 @@ def sr_volume_score(sr_bytes: bytes) -> float:
     return float(volume.get_measurements(name=ANOMALY_SCORE)[0].value)
 
 
-def test_orthanc_routes_study_and_gets_sr_and_heatmap_back(stack, tiny_model) -> None:
+def test_orthanc_routes_study_and_gets_sr_and_heatmap_back(stack, fixture_model) -> None:
     service, orthanc = stack
-    frames = phantom_volume(tiny_model)
+    frames = real_volume()
     ds = oct_dataset(frames)
     data = to_bytes(ds)
 
@@ -152,14 +152,14 @@ def test_orthanc_routes_study_and_gets_sr_and_heatmap_back(stack, tiny_model) ->
 
     # The SR also sits in the service's results resource; no patient data left the service in its answers or logs.
     assert httpx.get(by_kind["sr"]["url"], timeout=10).content == sr_bytes
-    for text in (scored.text, str(record), service.log.read_text()):
+    for text in (scored.text, str(record), service.log()):
         for value in PHI.values():
             assert value not in text
 
 
-def test_results_survive_pacs_outage_and_service_restart(stack, tiny_model) -> None:
+def test_results_survive_pacs_outage_and_service_restart(stack, fixture_model) -> None:
     service, orthanc = stack
-    ds = oct_dataset(phantom_volume(tiny_model, 2))
+    ds = oct_dataset(real_volume(2))
     orthanc.stop()
 
     # What the router does when a study is stable: STOW-RS to the service. Orthanc is down from here on.

@@ -286,12 +286,12 @@ def _kill_while_writing(pids: list[int], results: Path, until: threading.Event) 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux /proc to find and stop a writing worker")
-def test_two_workers_a_killed_writer_and_a_slow_pacs_deliver_each_result_once(tiny_model, tmp_path: Path,
+def test_two_workers_a_killed_writer_and_a_slow_pacs_deliver_each_result_once(fixture_model, tmp_path: Path,
                                                                              pacs: SlowPacs) -> None:
     results = tmp_path / "results"
     log = tmp_path / "service.log"
-    svc = Service({"OCT_MODEL_STORE": str(tiny_model.store), "OCT_MODEL_NAME": tiny_model.name, "OCT_DEVICE": "cpu",
-                   "OCT_HOST": "127.0.0.1", "OCT_TORCH_THREADS": "1", "OCT_MAX_BATCH_SIZE": "4",
+    svc = Service({"OCT_MODEL_STORE": str(fixture_model.store), "OCT_MODEL_NAME": fixture_model.name,
+                   "OCT_DEVICE": "cpu", "OCT_HOST": "127.0.0.1", "OCT_TORCH_THREADS": "1", "OCT_MAX_BATCH_SIZE": "4",
                    "OCT_WARMUP": "false", "OCT_WORKERS": "2", "OCT_DRAIN_DELAY_S": "0", "OCT_RESULTS_DIR": str(results),
                    "OCT_PACS_STOW_URL": pacs.url, "OCT_PACS_TIMEOUT_S": str(TIMEOUT_S),
                    "OCT_PACS_RETRY_BACKOFF_S": "0.5"}, log)

@@ -67,23 +67,23 @@ def test_a_malformed_host_header_is_a_400(host: str) -> None:
 
 # --- against the real service ----------------------------------------------------------------------------------
 
-def _start(tiny_model, tmp_path_factory: pytest.TempPathFactory, name: str, **env: str) -> Service:
-    svc = local_service(tiny_model, tmp_path_factory.mktemp(name))
+def _start(fixture_model, tmp_path_factory: pytest.TempPathFactory, name: str, **env: str) -> Service:
+    svc = local_service(fixture_model, tmp_path_factory.mktemp(name))
     svc.env.update(env)
     svc.start()
     return svc
 
 
 @pytest.fixture(scope="module")
-def service(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    svc = _start(tiny_model, tmp_path_factory, "public-url-unset")
+def service(fixture_model, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    svc = _start(fixture_model, tmp_path_factory, "public-url-unset")
     yield svc
     svc.stop()
 
 
 @pytest.fixture(scope="module")
-def gateway_service(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    svc = _start(tiny_model, tmp_path_factory, "public-url-set", OCT_PUBLIC_URL=GATEWAY)
+def gateway_service(fixture_model, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    svc = _start(fixture_model, tmp_path_factory, "public-url-set", OCT_PUBLIC_URL=GATEWAY)
     yield svc
     svc.stop()
 

@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
-from live import Service, local_service
+from live import Service, post_dicom, running
 from oct_dicom import (
     EXPLICIT_LE,
     compress,
@@ -233,16 +233,13 @@ def test_jpeg_baseline_helper_still_matches_compress() -> None:
 # --- through the service ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def service(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    svc = local_service(tiny_model, tmp_path_factory.mktemp("transfer-syntaxes"))
-    svc.start()
-    yield svc
-    svc.stop()
+def service(fixture_model, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    with running(fixture_model, tmp_path_factory.mktemp("transfer-syntaxes")) as svc:
+        yield svc
 
 
 def _score(service: Service, data: bytes) -> httpx.Response:
-    return httpx.post(f"{service.url}/score", params={"heatmaps": "false"}, content=data,
-                      headers={"Content-Type": "application/dicom"}, timeout=120)
+    return post_dicom(service, data, heatmaps="false")
 
 
 @pytest.mark.slow

@@ -1,23 +1,27 @@
-"""Fixtures that run the real service: `python -m service` as a subprocess on a free loopback port."""
+"""Fixtures that run the real service: `python -m service` as a subprocess on a free loopback port, serving the
+fixture scorer (tests/conftest.py) unless a test needs a trained model's numbers."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from service_helpers import ServiceProcess
+from service_helpers import KERMANY, ServiceProcess
 
 
 @pytest.fixture(scope="session")
-def start_service(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    """Factory: `start_service(OCT_X="…")` → a ready ServiceProcess, stopped at the end of the session."""
+def start_service(fixture_model, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """Factory: `start_service(OCT_X="…")` → a ready ServiceProcess of the fixture scorer (or of `model`), stopped at
+    the end of the session."""
     started: list[ServiceProcess] = []
     logs = tmp_path_factory.mktemp("service-logs")
 
-    def start(wait: bool = True, **env: str) -> ServiceProcess:
-        svc = ServiceProcess(tiny_model.store, tiny_model.name, logs / f"service-{len(started)}.log", **env)
+    def start(wait: bool = True, model: Any = None, **env: str) -> ServiceProcess:
+        m = model or fixture_model
+        svc = ServiceProcess(m.store, m.name, logs / f"service-{len(started)}.log", **env)
         started.append(svc)
         if wait:
             svc.wait_ready()
@@ -41,9 +45,9 @@ def client(service: ServiceProcess) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture(scope="session")
-def scan_path(tiny_model) -> Path:
-    """A phantom B-scan with white margins, as the training data has them."""
-    return sorted((tiny_model.data_root / "OCT2017" / "test" / "CNV").glob("*.jpeg"))[0]
+def scan_path() -> Path:
+    """A real B-scan (tests/data/kermany) with a white margin at its top, as registration left it."""
+    return KERMANY / "CNV-103044-2.jpeg"
 
 
 @pytest.fixture(scope="session")

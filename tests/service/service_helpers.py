@@ -4,81 +4,63 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
+import struct
+import zlib
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-if TYPE_CHECKING:
-    from service.engine import Engine
+from service import launch
+from service.metrics import Metrics
+from service.pipeline.pipeline import Pipeline
+from service.settings import Settings
 
+if TYPE_CHECKING:
+    from service.inference.core import InferenceCore
+
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[2]
 KERMANY = ROOT / "tests" / "data" / "kermany"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServiceProcess:
-    """One `python -m service` process. `stop()` sends SIGTERM and returns the exit code."""
+class ServiceProcess(launch.ServiceProcess):
+    """One `python -m service` process on `store`/`name`, started at once; `stop()` sends SIGTERM and returns the
+    exit code. A start that fails fails the test, with the log."""
 
     def __init__(self, store: Path, name: str, log_path: Path, **env: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OCT_MODEL_STORE": str(store), "OCT_MODEL_NAME": name,
-                    "OCT_DEVICE": "cpu", "OCT_HOST": "127.0.0.1", "OCT_PORT": str(self.port),
-                    "OCT_TORCH_THREADS": "1", "OCT_CPU_WORKERS": "2", "OCT_MAX_BATCH_SIZE": "8",
-                    "OCT_MAX_BATCH_DELAY_MS": "20", "OCT_DRAIN_DELAY_S": "0", **env}
-        self._log = open(log_path, "wb")  # noqa: SIM115 -- lives as long as the process it records
-        self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=full_env, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
+        super().__init__({"OCT_MODEL_STORE": str(store), "OCT_MODEL_NAME": name, "OCT_DEVICE": "cpu",
+                          "OCT_TORCH_THREADS": "1", "OCT_CPU_WORKERS": "2", "OCT_MAX_BATCH_SIZE": "8",
+                          "OCT_MAX_BATCH_DELAY_MS": "20", "OCT_DRAIN_DELAY_S": "0", **env}, log_path=log_path)
+        self.start(wait=False)
 
     def wait_ready(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"service exited {self.proc.returncode}:\n{self.log()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        pytest.fail(f"service not ready in {timeout} s:\n{self.log()[-3000:]}")
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
+        try:
+            super().wait_ready(timeout)
+        except launch.StartFailed as e:
+            pytest.fail(f"service {e}")
 
     def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+        code = super().stop(timeout)
+        assert code is not None
+        return code
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kw) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format=fmt, **kw)
     return buf.getvalue()
+
+
+def png_with_header(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims `width` x `height` 8-bit gray but whose data is tiny."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
 
 
 def gray16(h: int = 120, w: int = 200, seed: int = 0) -> Image.Image:
@@ -91,16 +73,30 @@ def kermany_files() -> list[Path]:
     return sorted(KERMANY.rglob("*.jpeg"))
 
 
-def submit_batches(engine: Engine, *batches: list[tuple[np.ndarray, Any]]) -> list[list[tuple[Any, Any]]]:
-    """Start `engine`, send each batch's items (preprocessed (S, S) image, crop box or None for no heatmaps) together
-    through its batcher, the public queue the routes use, one batch after the other, then stop it.
-    → per batch, its items' (Outputs, BatchTiming)."""
-    async def main() -> list[list[tuple[Any, Any]]]:
-        await engine.start()
+def serve(model: Any, run: Callable[[Pipeline], Awaitable[T]], **settings: Any) -> T:
+    """`run(pipeline)` on a started pipeline of `model` (no warm-up, batches of up to 4), stopped after."""
+    pipeline = Pipeline.load(Settings(model_store=model.store, model_name=model.name, device="cpu", warmup=False,
+                                      max_batch_size=4, **settings), Metrics())
+
+    async def main() -> T:
+        await pipeline.start()
         try:
-            return [list(await asyncio.gather(*(engine.batcher.submit(x, box) for x, box in batch)))
-                    for batch in batches]
+            return await run(pipeline)
         finally:
-            await engine.stop()
+            await pipeline.stop()
+
+    return asyncio.run(main())
+
+
+def submit_batches(core: InferenceCore, *batches: list[tuple[np.ndarray, Any]]) -> list[list[tuple[Any, Any]]]:
+    """Start `core`, send each batch's items (preprocessed (S, S) image, and a Geometry when it wants heatmaps, else
+    None) together through `InferenceCore.infer`, the one way in, one batch after the other, then stop it.
+    → per batch, its items' (Inferred, BatchTiming)."""
+    async def main() -> list[list[tuple[Any, Any]]]:
+        await core.start()
+        try:
+            return [list(await asyncio.gather(*(core.infer(x, tag) for x, tag in batch))) for batch in batches]
+        finally:
+            await core.stop()
 
     return asyncio.run(main())

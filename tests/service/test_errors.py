@@ -8,8 +8,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from service_helpers import encode
-from test_imaging import png_with_header
+from service_helpers import encode, png_with_header
 
 pytestmark = pytest.mark.slow
 PREFIX = "urn:oct-anomaly:problem:"

@@ -35,13 +35,13 @@ def png(b64: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(b64)))
 
 
-def test_box_excludes_white_margins_and_preview_is_the_upload(client: httpx.Client, tiny_model) -> None:
+def test_box_excludes_white_margins_and_preview_is_the_upload(client: httpx.Client, fixture_model) -> None:
     image = with_white_margins(KERMANY / "DME-1102486-1.jpeg")  # a scan without margins of its own
     r = client.post("/score", params={"preview": "true"}, files={"file": ("m.png", encode(image), "image/png")})
     assert r.status_code == 200, r.text
     body = r.json()
     box = body["heatmap_box"]
-    manifest, _ = load_scorer(tiny_model.version_dir)
+    manifest, _ = load_scorer(fixture_model.version_dir)
     expected = preprocess_gray(to_gray(image), manifest.preprocessing_config())[1].box
     assert (box["x0"], box["y0"], box["x1"], box["y1"]) == expected
     # The margins are outside, the scan inside: the box is the original scan's place on the padded upload.

@@ -80,22 +80,31 @@ def test_dicom_library_records_leave_without_what_they_quote(capsys: pytest.Capt
 
 
 def test_importing_the_service_changes_no_process_wide_state() -> None:
-    """The DICOM libraries are quieted where a serving process starts (service/__main__.py, each worker process),
-    not as a side effect of importing a module: their warning filters, where warnings go, their log levels and
-    pydicom's validation are as the libraries left them until `quiet_dicom_libraries` runs."""
+    """The libraries are quieted where a serving process starts (service/__main__.py, each worker process), not as a
+    side effect of importing a module: warning filters, where warnings go, every logger's level and pydicom's
+    validation are as the libraries left them, whatever module of the service is imported, until `quiet_libraries`
+    runs."""
     import subprocess
     import sys
 
     probe = """
-import logging, warnings
+import importlib, logging, pkgutil, warnings
 from pydicom import config
-state = lambda: ([f for f in warnings.filters if "dicom" in str(f)], warnings.showwarning,
-                 logging.getLogger("highdicom").level, config.settings.reading_validation_mode)
-import highdicom
+import highdicom, torchvision.io, fastapi, uvicorn
+def state():
+    levels = {n: l.level for n, l in logging.root.manager.loggerDict.items() if isinstance(l, logging.Logger)}
+    return (list(warnings.filters), warnings.showwarning, logging.root.level, levels,
+            config.settings.reading_validation_mode)
 before = state()
-import service.__main__, service.main, service.processes, service.dicom.decode, service.dicom.ingest, service.logs
-assert state() == before, "an import changed process-wide state"
-service.logs.quiet_dicom_libraries()
+import service
+for m in pkgutil.walk_packages(service.__path__, "service."):
+    importlib.import_module(m.name)
+after = state()
+assert after[0] == before[0], "an import changed the warning filters"
+assert after[1:3] == before[1:3] and after[4] == before[4], "an import changed where warnings go or a setting"
+assert all(after[3].get(n) == l for n, l in before[3].items()), "an import changed a logger's level"
+assert all(l == logging.NOTSET for n, l in after[3].items() if n not in before[3]), "an import set a new logger's level"
+service.logs.quiet_libraries()
 assert config.settings.reading_validation_mode == config.IGNORE and logging.getLogger("highdicom").level == 30
 assert warnings.showwarning is not before[1]  # warnings go to the log
 print("ok")

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from service_helpers import kermany_files, submit_batches
 
-from octcore.preprocess import preprocess
-from service.engine import Engine
+from octcore.preprocess import Geometry, preprocess
 from service.metrics import Metrics
+from service.pipeline.pipeline import Pipeline
 from service.settings import Settings
 
 pytestmark = pytest.mark.slow
@@ -26,12 +26,13 @@ def scores(tiny_model, precision: str) -> tuple[np.ndarray, dict[str, np.ndarray
     """→ (images × scores) of the Kermany samples, the heatmaps of a blank image cropped at 200 × 100, input size."""
     settings = Settings(model_store=tiny_model.store, model_name=tiny_model.name, device="cpu", precision=precision,
                         max_batch_size=8, warmup=False)
-    engine = Engine.load(settings, Metrics())
-    x = np.stack([preprocess(Image.open(f), engine.cfg) for f in kermany_files()])
-    box = (0, 0, 512, 496)
-    blank = np.zeros((engine.size, engine.size), np.float32)
-    images, [(heat, _)] = submit_batches(engine, [(xi, box) for xi in x], [(blank, (0, 0, 200, 100))])
-    return np.array([[o.scores[k] for k in engine.score_names] for o, _ in images]), heat.maps, engine.size
+    pipeline = Pipeline.load(settings, Metrics())
+    core = pipeline.core
+    x = np.stack([preprocess(Image.open(f), pipeline.cfg) for f in kermany_files()])
+    box = Geometry((0, 0, 512, 496))
+    blank = np.zeros((core.size, core.size), np.float32)
+    images, [(heat, _)] = submit_batches(core, [(xi, box) for xi in x], [(blank, Geometry((0, 0, 200, 100)))])
+    return np.array([[o.scores[k] for k in core.score_names] for o, _ in images]), heat.maps, core.size
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -15,27 +15,27 @@ from service_helpers import encode, gray16, kermany_files
 
 from octcore.manifest import load_scorer
 from octcore.preprocess import preprocess, preprocess_gray, to_gray
-from service.heatmaps import heatmap_size
+from octcore.scanmap import scan_size
 from service.schemas import ScoreQuery
 
 pytestmark = pytest.mark.slow
 
 
-def direct(tiny_model, image: Image.Image) -> dict[str, float]:
+def direct(fixture_model, image: Image.Image) -> dict[str, float]:
     """What the scorer says when called without the service: load_scorer + the shared preprocessing."""
-    manifest, scorer = load_scorer(tiny_model.version_dir)
+    manifest, scorer = load_scorer(fixture_model.version_dir)
     x = torch.from_numpy(preprocess(image, manifest.preprocessing_config()))[None, None]
     with torch.inference_mode():
         out = scorer(x)
     return {k: float(out[k][0]) for k in manifest.scores}
 
 
-def check_result(r: httpx.Response, tiny_model, image: Image.Image, heatmaps: bool = True) -> dict:
+def check_result(r: httpx.Response, fixture_model, image: Image.Image, heatmaps: bool = True) -> dict:
     assert r.status_code == 200, r.text
     body = r.json()
-    manifest, _ = load_scorer(tiny_model.version_dir)
-    expected = direct(tiny_model, image)
-    assert body["model"] == {"name": tiny_model.name, "version": tiny_model.version}
+    manifest, _ = load_scorer(fixture_model.version_dir)
+    expected = direct(fixture_model, image)
+    assert body["model"] == {"name": fixture_model.name, "version": fixture_model.version}
     assert body["scores"].keys() == expected.keys()
     for k, v in expected.items():
         assert body["scores"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
@@ -50,60 +50,60 @@ def check_result(r: httpx.Response, tiny_model, image: Image.Image, heatmaps: bo
     if not heatmaps:
         assert "heatmaps" not in body
         return body
-    box = preprocess_gray(to_gray(image), manifest.preprocessing_config())[1].box
+    geometry = preprocess_gray(to_gray(image), manifest.preprocessing_config())[1]
     with_maps = {k for k, s in manifest.scores.items() if s.map}
     assert set(body["heatmaps"]) == with_maps
     for k in with_maps:
         png = Image.open(io.BytesIO(base64.b64decode(body["heatmaps"][k])))
         assert png.format == "PNG" and png.mode == "L"
-        assert png.size == heatmap_size(box, manifest.input.size)
+        assert png.size == scan_size(geometry, manifest.input.size)
     return body
 
 
-def test_multipart_upload(client: httpx.Client, tiny_model, scan_path: Path, scan_bytes: bytes) -> None:
+def test_multipart_upload(client: httpx.Client, fixture_model, scan_path: Path, scan_bytes: bytes) -> None:
     r = client.post("/score", files={"file": (scan_path.name, scan_bytes, "image/jpeg")})
     with Image.open(scan_path) as im:
-        check_result(r, tiny_model, im)
+        check_result(r, fixture_model, im)
 
 
-def test_raw_body_without_heatmaps(client: httpx.Client, tiny_model, scan_path: Path, scan_bytes: bytes) -> None:
+def test_raw_body_without_heatmaps(client: httpx.Client, fixture_model, scan_path: Path, scan_bytes: bytes) -> None:
     r = client.post("/score", params={"heatmaps": "false"}, content=scan_bytes,
                     headers={"Content-Type": "image/jpeg", "X-Request-ID": "case-42"})
     with Image.open(scan_path) as im:
-        body = check_result(r, tiny_model, im, heatmaps=False)
+        body = check_result(r, fixture_model, im, heatmaps=False)
     assert body["request_id"] == "case-42"
 
 
 @pytest.mark.parametrize("mode", ["I;16", "RGB", "RGBA", "P"])
-def test_bit_depths_and_colour_modes(client: httpx.Client, tiny_model, scan_path: Path, mode: str) -> None:
+def test_bit_depths_and_colour_modes(client: httpx.Client, fixture_model, scan_path: Path, mode: str) -> None:
     with Image.open(scan_path) as im:
         image = gray16() if mode == "I;16" else im.convert("RGB").convert(mode) if mode == "P" else im.convert(mode)
     data = encode(image, "PNG")
     r = client.post("/score", content=data, headers={"Content-Type": "image/png"})
-    check_result(r, tiny_model, Image.open(io.BytesIO(data)))
+    check_result(r, fixture_model, Image.open(io.BytesIO(data)))
 
 
-def test_tiff_and_bmp(client: httpx.Client, tiny_model, scan_path: Path) -> None:
+def test_tiff_and_bmp(client: httpx.Client, fixture_model, scan_path: Path) -> None:
     with Image.open(scan_path) as im:
         for fmt, ctype in (("TIFF", "image/tiff"), ("BMP", "image/bmp")):
             data = encode(im.convert("L"), fmt)
             r = client.post("/score", content=data, headers={"Content-Type": ctype})
-            check_result(r, tiny_model, Image.open(io.BytesIO(data)))
+            check_result(r, fixture_model, Image.open(io.BytesIO(data)))
 
 
-def test_real_kermany_scans(client: httpx.Client, tiny_model) -> None:
+def test_real_kermany_scans(client: httpx.Client, fixture_model) -> None:
     assert kermany_files(), "tests/data/kermany holds the real sample scans"
     for path in kermany_files()[::2]:
         r = client.post("/score", files={"file": (path.name, path.read_bytes(), "image/jpeg")})
         with Image.open(path) as im:
-            body = check_result(r, tiny_model, im)
+            body = check_result(r, fixture_model, im)
         w, h = Image.open(io.BytesIO(base64.b64decode(body["heatmaps"]["residual"]))).size
         assert w >= h  # Kermany scans are wider than tall, and so are their heatmaps
 
 
-def test_heatmap_values_follow_map_scale(client: httpx.Client, tiny_model, scan_path: Path,
+def test_heatmap_values_follow_map_scale(client: httpx.Client, fixture_model, scan_path: Path,
                                          scan_bytes: bytes) -> None:
-    manifest, scorer = load_scorer(tiny_model.version_dir)
+    manifest, scorer = load_scorer(fixture_model.version_dir)
     with Image.open(scan_path) as im:
         x = torch.from_numpy(preprocess(im, manifest.preprocessing_config()))[None, None]
     with torch.inference_mode():
@@ -119,17 +119,17 @@ def test_heatmap_values_follow_map_scale(client: httpx.Client, tiny_model, scan_
         assert abs(png.mean() - expected.mean()) < 4.0, k
 
 
-def test_operations_endpoints(client: httpx.Client, tiny_model) -> None:
+def test_operations_endpoints(client: httpx.Client, fixture_model) -> None:
     assert client.get("/healthz").json()["status"] == "ok"
     assert client.get("/readyz").status_code == 200
     models = client.get("/models").json()
-    assert models["name"] == tiny_model.name and models["version"] == tiny_model.version
+    assert models["name"] == fixture_model.name and models["version"] == fixture_model.version
     assert models["device"] == "cpu" and set(models["scores"]) >= {"residual", "alm"}
     schema = client.get("/openapi.json").json()
     assert "ScoreResult" in schema["components"]["schemas"]
     score = schema["paths"]["/score"]["post"]
     assert "multipart/form-data" in score["requestBody"]["content"]
-    # The route reads its query and key itself (routes/score.py); its OpenAPI still says what FastAPI would.
+    # The query model's fields, as FastAPI lists a query parameter model; the key's two schemes, as alternatives.
     assert {p["name"]: p["in"] for p in score["parameters"]} == dict.fromkeys(ScoreQuery.model_fields, "query")
     assert score["parameters"][1]["schema"]["enum"] == ["png", "webp", "jpeg"]
     schemes = schema["components"]["securitySchemes"]

@@ -68,8 +68,8 @@ def broken_stores(src: Path, base: Path) -> dict[str, Path]:
     manifest_path.write_text(json.dumps(manifest))
     mm = out["mismatched"] / "m" / "1" / "manifest.json"
     manifest = json.loads(mm.read_text())
-    manifest["scores"]["nll"] = {"description": "not produced by this scorer", "map": "nll_map"}
-    manifest["calibration"]["nll"] = manifest["calibration"][manifest["primary_score"]]
+    manifest["scores"]["absent"] = {"description": "not produced by this scorer", "map": "absent_map"}
+    manifest["calibration"]["absent"] = manifest["calibration"][manifest["primary_score"]]
     mm.write_text(json.dumps(manifest))
     ws = out["wrong_sha"] / "m" / "1" / "model.pt"
     ws.write_bytes(ws.read_bytes() + b"\0")
@@ -77,10 +77,10 @@ def broken_stores(src: Path, base: Path) -> dict[str, Path]:
 
 
 @pytest.mark.slow
-def test_unusable_model_exits_non_zero_with_a_reason(tiny_model, tmp_path: Path) -> None:
-    stores = broken_stores(tiny_model.version_dir, tmp_path)
+def test_unusable_model_exits_non_zero_with_a_reason(fixture_model, tmp_path: Path) -> None:
+    stores = broken_stores(fixture_model.version_dir, tmp_path)
     cases = {"missing": (tmp_path / "nowhere", "no versions"), "corrupt": (stores["corrupt"], "cannot load"),
-             "mismatched": (stores["mismatched"], "nll"), "wrong_sha": (stores["wrong_sha"], "sha256")}
+             "mismatched": (stores["mismatched"], "absent"), "wrong_sha": (stores["wrong_sha"], "sha256")}
     for name, (store, reason) in cases.items():
         proc = run_service({"OCT_MODEL_STORE": str(store), "OCT_MODEL_NAME": "m"})
         last = proc.stderr.strip().splitlines()[-1]

@@ -18,7 +18,7 @@ from service.main import create_app
 from service.settings import Settings
 
 
-def test_no_spans_or_log_records_reach_a_configured_sdk(tiny_model, scan_bytes: bytes) -> None:
+def test_no_spans_or_log_records_reach_a_configured_sdk(fixture_model, scan_bytes: bytes) -> None:
     spans = InMemorySpanExporter()
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
@@ -28,7 +28,8 @@ def test_no_spans_or_log_records_reach_a_configured_sdk(tiny_model, scan_bytes: 
     trace.set_tracer_provider(tracer_provider)
     _logs.set_logger_provider(logger_provider)
     # No warm-up (16 batch sizes through the model in this process): ready as soon as the model is loaded.
-    app = create_app(Settings(model_store=tiny_model.store, model_name=tiny_model.name, device="cpu", warmup=False))
+    app = create_app(Settings(model_store=fixture_model.store, model_name=fixture_model.name, device="cpu",
+                              warmup=False))
     with TestClient(app) as client:
         while client.get("/readyz").status_code != 200:  # without warm-up ready at once; with it, in the background
             time.sleep(0.05)

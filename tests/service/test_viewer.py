@@ -12,7 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 from service_helpers import KERMANY, ROOT, encode
 from test_heatmap_box import with_white_margins
 
@@ -90,7 +92,7 @@ def wait_drawn(page) -> None:
 
 
 def wait_model(page) -> None:
-    expect(page.locator("#model")).to_have_text(re.compile(r"^Model tiny version"))
+    expect(page.locator("#model")).to_have_text(re.compile(r"^Model \S+ version"))
 
 
 def shot(page, name: str) -> None:
@@ -109,7 +111,7 @@ def test_page_loads_only_from_the_service(client: httpx.Client) -> None:
     assert missing.status_code == 404 and missing.headers["content-type"] == "application/problem+json"
 
 
-def test_phantom_scan_shows_the_api_score_in_words(page, client: httpx.Client, scan_bytes: bytes) -> None:
+def test_a_scan_shows_the_api_score_in_words(page, client: httpx.Client, scan_bytes: bytes) -> None:
     page.keyboard.press("Tab")  # keyboard first: the first stop is the file picker
     assert page.evaluate("document.activeElement.id") == "file"
     upload(page, "scan.jpeg", scan_bytes, "image/jpeg")
@@ -128,7 +130,7 @@ def test_phantom_scan_shows_the_api_score_in_words(page, client: httpx.Client, s
     assert f"the {p}th percentile of normal scans" in page.text_content("#explain")
     assert "normal scan" in page.text_content("#percentile")
     assert page.is_hidden("#volume") and page.is_hidden("#key-panel")
-    shot(page, "phantom.png")
+    shot(page, "scan.png")
 
 
 def test_overlay_covers_the_scan_not_its_margins(page, client: httpx.Client) -> None:
@@ -225,5 +227,36 @@ def test_api_key_is_asked_for_and_kept_in_the_tab(browser, start_service) -> Non
     assert page.is_hidden("#key-panel")
     assert page.evaluate("sessionStorage.getItem('oct-api-key')") == "viewer-key"
     assert page.evaluate("localStorage.length") == 0
+    page.context.close()
+    assert page.crashes == []
+
+
+def test_a_volume_with_a_frame_without_a_retina(browser, start_service, retina_model) -> None:
+    """A model of the retina band: the refused frame shows its reason, the strip marks it, the volume's summary
+    says it was left out, and the scored frames draw their band heatmaps over their boxes."""
+    svc = start_service(model=retina_model, OCT_WARMUP="false")
+    frames = np.stack([np.asarray(Image.open(KERMANY / f).convert("L"))
+                       for f in ("NORMAL-1017237-1.jpeg", "CNV-103044-2.jpeg")])
+    noise = np.random.default_rng(3).integers(0, 256, frames.shape[1:], dtype=np.uint8)
+    data = to_bytes(oct_dataset(np.stack([frames[0], noise, frames[1]])))
+    page = open_page(browser, svc.url)
+    wait_model(page)
+    upload(page, "volume.dcm", data, "application/dicom")
+    api = httpx.post(f"{svc.url}/score", files={"file": ("volume.dcm", data, "application/dicom")},
+                     timeout=60).json()
+    assert "refused" in api["frames"][1] and api["max_frame"] != 1
+    assert page.locator("#strip .bar.refused").count() == 1
+    assert "1 not scored (no retina found) and left out" in page.text_content("#volume-summary")
+    box = api["frames"][api["max_frame"]]["heatmap_box"]
+    stats = page.evaluate(OVERLAY_STATS, box)
+    assert stats["inside"] > 0 and stats["outside"] == 0  # the band's heatmap, stretched over the box
+    page.focus("#frame")
+    page.keyboard.press("Home")
+    page.keyboard.press("ArrowRight")  # frame 2, the noise
+    wait_drawn(page)
+    assert page.text_content("#frame-label") == "2 of 3" and page.text_content("#verdict") == "Not scored"
+    assert "no retina" in page.text_content("#explain") and page.get_attribute("#score", "data-value") == ""
+    assert page.evaluate(OVERLAY_STATS, box)["sum"] == 0  # no heatmap for a frame that was not scored
+    shot(page, "volume-refused-frame.png")
     page.context.close()
     assert page.crashes == []

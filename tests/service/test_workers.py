@@ -66,22 +66,24 @@ def test_a_dead_worker_is_replaced_and_the_service_stops_cleanly(start_service, 
     assert not os.path.exists(dirs[0])  # the supervisor removes PROMETHEUS_MULTIPROC_DIR
 
 
-def test_a_serving_process_freezes_its_start_up_heap(tiny_model) -> None:
+def test_a_serving_process_freezes_its_start_up_heap(fixture_model) -> None:
     """`serve_one` moves what start-up allocated (torch, the model, the app) out of the collector's reach before it
     serves, so a full collection does not stop the event loop to walk it (docs/service.md)."""
     code = f"""
 import gc, socket
 from service import processes
-from service.engine import Engine
+from service.main import create_app
 from service.metrics import Metrics
+from service.pipeline.pipeline import Pipeline
 from service.settings import Settings
 processes.DrainingServer.run = lambda self, sockets=None: None  # everything before serving, then return
-settings = Settings(model_store={str(tiny_model.store)!r}, model_name={tiny_model.name!r}, device="cpu")
-engine = Engine.load(settings, Metrics())
+settings = Settings(model_store={str(fixture_model.store)!r}, model_name={fixture_model.name!r}, device="cpu")
+state = processes.ServingState()
+app = create_app(settings, Pipeline.load(settings, Metrics()), state)
 sock = socket.socket()
 sock.bind(("127.0.0.1", 0))
 before = gc.get_freeze_count()
-processes.serve_one(settings, engine, sock, processes.ServingState())
+processes.serve_one(settings, app, sock, state)
 print(before, gc.get_freeze_count(), len(gc.get_objects()))
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from service.batcher import Batcher
 from service.errors import Overloaded, ShuttingDown
+from service.inference.batcher import Batcher
 from service.metrics import Metrics
 
 

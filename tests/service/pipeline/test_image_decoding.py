@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from service_helpers import encode, gray16, kermany_files
+from service_helpers import encode, gray16, kermany_files, png_with_header
 
 from octcore.preprocess import Preprocessing, preprocess, preprocess_gray
 from service.errors import DecompressionBomb, ImageTooLarge, UndecodableImage, UnsupportedImage
-from service.imaging import Limits, decode_image
+from service.pipeline.decode import Limits, decode_image
 from training.data import load_image
 
 LIMITS = Limits()
@@ -67,14 +65,6 @@ def test_real_kermany_scans_match_the_training_reader() -> None:
         box = geometry.box
         np.testing.assert_array_equal(served, load_image(path, CFG))
         assert box[2] - box[0] >= 8 and box[3] - box[1] >= 8
-
-
-def png_with_header(width: int, height: int) -> bytes:
-    """A PNG whose IHDR claims `width` x `height` 8-bit gray but whose data is tiny."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
 
 
 def test_garbage_empty_and_truncated_are_undecodable() -> None:

@@ -1,16 +1,20 @@
-"""Heatmap PNGs: size follows the crop box, pixel values follow the documented map_scale."""
+"""Heatmaps on the device: size follows the crop box (region scan) or the band (region retina), pixel values follow
+the documented map_scale, a retina band's columns go back to the rows they came from."""
 
 from __future__ import annotations
-
-import base64
-import io
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from service.heatmaps import encode, heatmap_size, render, render_all, to_u8
+from octcore.preprocess import Geometry
+from octcore.scanmap import scan_size
+from service.pipeline.render import band_to_u8, to_u8
+
+
+def heatmap_size(box: tuple[int, int, int, int], size: int) -> tuple[int, int]:
+    return scan_size(Geometry(box), size)
 
 
 def test_size_keeps_the_crop_box_aspect_ratio() -> None:
@@ -21,36 +25,35 @@ def test_size_keeps_the_crop_box_aspect_ratio() -> None:
 
 
 def test_values_are_map_over_map_scale_clipped() -> None:
-    m = np.tile(np.linspace(0.0, 2.0, 64, dtype=np.float32), (64, 1))[None]  # (1, 64, 64), 0 → 2 left to right
-    png = Image.open(io.BytesIO(render(m, 1.0, (0, 0, 100, 100))))
-    assert png.format == "PNG" and png.mode == "L" and png.size == (64, 64)
-    v = np.asarray(png)
+    m = torch.from_numpy(np.tile(np.linspace(0.0, 2.0, 64, dtype=np.float32), (64, 1)))  # 0 → 2 left to right
+    v = to_u8(m, 1.0, (0, 0, 100, 100)).numpy()
+    assert v.dtype == np.uint8 and v.shape == (64, 64)
     np.testing.assert_allclose(v[0, :20], np.rint(np.linspace(0, 2, 64)[:20] * 255), atol=2)
     assert v[:, -10:].min() == 255 and v[:, 0].max() == 0  # over map_scale saturates, zero stays black
-    half = np.asarray(Image.open(io.BytesIO(render(m * 0 + 0.25, 0.5, (0, 0, 10, 10)))))
-    assert np.all(half == 128)
+    assert np.all(to_u8(m * 0 + 0.25, 0.5, (0, 0, 10, 10)).numpy() == 128)
 
 
-def test_render_all_returns_base64_png_per_score() -> None:
-    maps = {"residual": np.zeros((1, 32, 32), np.float32), "alm": np.ones((1, 32, 32), np.float32)}
-    out = render_all(maps, {"residual": 1.0, "alm": 2.0}, (0, 0, 60, 30))
-    assert set(out) == {"residual", "alm"}
-    alm = Image.open(io.BytesIO(base64.b64decode(out["alm"])))
-    assert alm.size == (32, 16) and np.all(np.asarray(alm) == 128)
-
-
-def test_fast_png_is_lossless_and_lossy_formats_decode() -> None:
-    rng = np.random.default_rng(0)
-    u8 = rng.integers(0, 256, size=(37, 53), dtype=np.uint8)
-    u8[:, :20] = np.arange(20, dtype=np.uint8) * 12  # smooth part: Sub-filter differences
-    png = Image.open(io.BytesIO(encode(u8, "png")))
-    assert png.format == "PNG" and png.mode == "L"
-    np.testing.assert_array_equal(np.asarray(png), u8)
-    flat = np.full((64, 64), 77, np.uint8)
-    for fmt, name in (("webp", "WEBP"), ("jpeg", "JPEG")):
-        im = Image.open(io.BytesIO(encode(flat, fmt)))
-        assert im.format == name and im.size == (64, 64)
-        assert np.abs(np.asarray(im.convert("L")).astype(int) - 77).max() <= 2
+def test_a_band_goes_back_to_the_rows_it_came_from() -> None:
+    """A retina-band input: column j's band started band_top[j] rows into the box. A map that is 1 on the band's
+    middle row lands on box row band_top + band_rows / 2, and the box outside the band is 0."""
+    s, band_rows, box_rows = 32, 64, 128
+    m = torch.zeros((1, s, s))
+    m[0, s // 2] = 1.0  # the band's middle row
+    band_top = torch.linspace(0, 60, s)[None]  # a tilted retina: the band lower to the right
+    geometry = Geometry((0, 0, 200, box_rows), band_top[0].numpy(), band_rows)
+    w, h = scan_size(geometry, s)
+    assert (w, h) == (s, box_rows * s // band_rows)
+    u8 = band_to_u8(m, 1.0, band_top, band_rows, h)[0].numpy()
+    assert u8.shape == (h, w)
+    rows_per_pixel = box_rows / h
+    for j in (0, s // 2, s - 1):
+        peak = int(np.argmax(u8[:, j])) * rows_per_pixel  # in box rows
+        assert abs(peak - (float(band_top[0, j]) + band_rows / 2)) <= 2 * rows_per_pixel, j
+        outside = [r for r in range(h) if not band_top[0, j] - 1 <= r * rows_per_pixel <= band_top[0, j] + band_rows]
+        assert u8[outside, j].max() == 0, j
+    flat = band_to_u8(torch.full((1, s, s), 0.25), 0.5, band_top, band_rows, h)[0].numpy()
+    centre = np.rint((band_top[0].numpy() + band_rows / 2) / rows_per_pixel).astype(int)
+    assert np.all(flat[centre, np.arange(s)] == 128)  # the same scale as a whole-scan map
 
 
 def test_resize_and_scale_on_the_device_match_pil_on_the_host() -> None:
