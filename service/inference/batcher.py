@@ -1,8 +1,10 @@
 """Dynamic batching: concurrent requests share one forward pass.
 
 One future per request, one consumer task per model (after Ray Serve's `batching.py`). A batch closes when it
-holds `max_batch_size` items or when its oldest item has waited `max_delay_s`; the batch then runs in a worker
-thread so the event loop keeps accepting, decoding and encoding while the model computes. Up to `max_inflight`
+holds `max_batch_size` items, when its oldest item has waited `max_delay_s`, or as soon as no other request is on
+its way (`expecting`: being decoded and preprocessed): then waiting would only make the batch late, not larger. The
+batch then runs in a worker thread so the event loop keeps accepting, decoding and encoding while the model
+computes. Up to `max_inflight`
 batches run at once (2 on a GPU: one batch's copies overlap the next one's compute), and while every slot is busy
 the queue keeps filling, so the next batch is larger. The number of requests waiting for inference is bounded: past
 `max_queue`, `submit` refuses at once instead of letting latency grow.
@@ -15,7 +17,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -68,10 +70,22 @@ class Batcher(Generic[T]):
         self._slots: asyncio.Semaphore | None = None
         self._closing = False
         self._task: asyncio.Task | None = None
+        self._coming = 0  # requests on their way to `submit`
 
     @property
     def depth(self) -> int:
         return len(self._items)
+
+    @contextlib.contextmanager
+    def expecting(self) -> Iterator[None]:
+        """Held by a request on its way to `submit` (decoding, preprocessing): an open batch waits for it, up to its
+        deadline. A batch waits for no one else: at low load a request does not sit out `max_delay_s` alone."""
+        self._coming += 1
+        try:
+            yield
+        finally:
+            self._coming -= 1
+            self._arrived.set()  # an open batch looks again: it may close now
 
     def start(self) -> None:
         if self._task is None:
@@ -135,7 +149,7 @@ class Batcher(Generic[T]):
             await self._arrived.wait()
         deadline = self._items[0].enqueued + self.max_delay_s
         loop = asyncio.get_running_loop()
-        while len(self._items) < self.max_batch_size and not self._closing:
+        while len(self._items) < self.max_batch_size and not self._closing and self._coming:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 break

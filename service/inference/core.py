@@ -141,6 +141,10 @@ class InferenceCore:
         if self.cuda:
             self.metrics.track_gpu()
 
+    def expecting(self) -> contextlib.AbstractContextManager[None]:
+        """Hold while preparing an input that will go to `infer`: the open batch waits for it (the batcher)."""
+        return self.batcher.expecting()
+
     async def infer(self, x: np.ndarray, tag: Any = None) -> tuple[Inferred, BatchTiming]:
         """Score one preprocessed input (S, S) float32 in the next batch; `tag` (not None) asks for its maps."""
         if not self.ready:

@@ -124,9 +124,11 @@ class Pipeline:
         return self._prepare(decoder(data, limits), preview)
 
     async def _run_prepare(self, fn: Callable[..., Prepared], *args: Any, nbytes: int) -> Prepared:
-        if self._prepare_inline:
-            return await self.core.run_image(fn, *args, nbytes=nbytes)
-        return await self.core.run_cpu(fn, *args)
+        """Run `fn` where CPU work runs, as a request the open batch waits for."""
+        with self.core.expecting():
+            if self._prepare_inline:
+                return await self.core.run_image(fn, *args, nbytes=nbytes)
+            return await self.core.run_cpu(fn, *args)
 
     # --- infer, decide, render ---
 

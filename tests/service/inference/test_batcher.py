@@ -69,22 +69,43 @@ def test_concurrent_requests_share_batches_and_get_their_own_results() -> None:
     asyncio.run(main())
 
 
-def test_an_open_batch_waits_for_later_items_and_a_lone_one_is_closed_by_the_deadline() -> None:
+async def settle() -> None:
+    """Let every task that is ready run (the consumer included): loop turns, not time."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+def test_an_open_batch_waits_for_a_request_on_its_way_and_a_lone_one_does_not_wait() -> None:
     async def main() -> None:
         fn = Recorder()
-        b, pool, _ = make(fn, max_delay_s=0.5, max_batch_size=64)
+        b, pool, _ = make(fn, max_delay_s=3600.0, max_batch_size=64)  # an hour: the deadline closes nothing here
         b.start()
-        first = asyncio.ensure_future(b.submit(item(1)))
-        await asyncio.sleep(0.05)  # the consumer holds `first` in an open batch, far from its 0.5 s deadline
-        assert not first.done() and fn.sizes == []
-        second = asyncio.ensure_future(b.submit(item(2)))
+        with b.expecting():  # a second request is being decoded
+            first = asyncio.ensure_future(b.submit(item(1)))
+            await settle()
+            assert b.depth == 1 and not first.done()  # held in the open batch, still queued
+            second = asyncio.ensure_future(b.submit(item(2)))
         # wait_for only bounds a hang; nothing below depends on how long a batch took.
         both = await asyncio.wait_for(asyncio.gather(first, second), 30)
         assert [r for r, _ in both] == [2.0, 4.0]
-        assert fn.sizes == [2], "the batch closed before its deadline instead of taking the later item"
-        # Alone, far below the batch size and with no drain: only the deadline can close its batch.
+        assert fn.sizes == [2], "the batch closed before the request on its way arrived"
+        # Alone, nothing on its way: its batch closes at once, not after the hour.
         result, timing = await asyncio.wait_for(b.submit(item(3)), 30)
         assert result == 6.0 and fn.sizes == [2, 1] and timing.batch_size == 1
+        await b.drain()
+        pool.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_request_on_its_way_holds_the_batch_no_longer_than_the_deadline() -> None:
+    async def main() -> None:
+        fn = Recorder()
+        b, pool, _ = make(fn, max_delay_s=0.05, max_batch_size=64)
+        b.start()
+        with b.expecting():  # never arrives
+            result, timing = await asyncio.wait_for(b.submit(item(1)), 30)
+            assert result == 2.0 and fn.sizes == [1] and timing.queue_s >= 0.05
         await b.drain()
         pool.shutdown()
 
@@ -153,13 +174,15 @@ def test_a_client_that_gave_up_is_skipped() -> None:
 def test_drain_finishes_queued_work_then_refuses() -> None:
     async def main() -> None:
         fn = Recorder(sleep_s=0.05)
-        # An hour's deadline and room for 64: only the drain can close this batch of five.
+        # An hour's deadline, room for 64 and a sixth request on its way that never comes: only the drain can
+        # close this batch of five.
         b, pool, _ = make(fn, max_delay_s=3600.0, max_batch_size=64)
         b.start()
-        queued = [asyncio.ensure_future(b.submit(item(i))) for i in range(5)]
-        await asyncio.sleep(0.01)
-        assert fn.sizes == [] and not any(q.done() for q in queued)
-        await b.drain(timeout_s=30)  # a drain that waited for the deadline would time out and fail the five
+        with b.expecting():
+            queued = [asyncio.ensure_future(b.submit(item(i))) for i in range(5)]
+            await settle()
+            assert b.depth == 5 and not any(q.done() for q in queued)
+            await b.drain(timeout_s=30)  # a drain that waited for the deadline would time out and fail the five
         assert [r for r, _ in await asyncio.gather(*queued)] == [0.0, 2.0, 4.0, 6.0, 8.0]
         assert fn.sizes == [5]
         with pytest.raises(ShuttingDown):
