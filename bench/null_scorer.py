@@ -23,9 +23,11 @@ from octcore.preprocess import Preprocessing
 
 
 class NullScorer(torch.nn.Module):
-    def __init__(self, maps: list[str], scores: list[str]) -> None:
+    def __init__(self, maps: list[str], scores: list[str], work: int = 0) -> None:
         super().__init__()
         self.maps, self.scores = maps, scores
+        self.work = work  # 256² matrix products per batch: a batch that takes time, whatever its size
+        self.register_buffer("w", torch.full((256, 256), 1.0 / 256))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -33,15 +35,21 @@ class NullScorer(torch.nn.Module):
         for k in self.maps:
             out[k] = m
         s = x.mean(dim=(1, 2, 3))
+        if self.work > 0:
+            y = self.w
+            for _ in range(self.work):
+                y = torch.tanh(y @ self.w)
+            s = s + 0.0 * y.mean()  # the work is part of the answer, so it is not optimised away
         for k in self.scores:
             out[k] = s
         return out
 
 
 def build_null_store(template: Path, out_store: Path, size: int = 256, name: str = "null",
-                     region: str | None = None) -> Path:
+                     region: str | None = None, work: int = 0) -> Path:
     """Write `<out_store>/<name>/1/{model.pt, manifest.json}` from `template` (a version dir); returns that dir.
-    `region` ("scan" or "retina"): the input region, else the template's."""
+    `region` ("scan" or "retina"): the input region, else the template's; `work`: 256² matrix products a batch
+    (a slow model, for tests that need requests to wait)."""
     man = json.loads((template / "manifest.json").read_text())
     d = out_store / name / "1"
     shutil.rmtree(d, ignore_errors=True)
@@ -55,7 +63,7 @@ def build_null_store(template: Path, out_store: Path, size: int = 256, name: str
         man["preprocessing"].update(region=band.region, band_above=band.band_above, band_below=band.band_below)
         man["format_version"] = max(3, man.get("format_version", 1))
     model_file = d / man.get("file", "model.pt")
-    torch.jit.script(NullScorer(list(man["maps"]), list(man["scores"]))).save(str(model_file))
+    torch.jit.script(NullScorer(list(man["maps"]), list(man["scores"]), work)).save(str(model_file))
     man["sha256"] = hashlib.sha256(model_file.read_bytes()).hexdigest()
     (d / "manifest.json").write_text(json.dumps(man, indent=2))
     return d

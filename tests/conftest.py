@@ -23,6 +23,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
 KERMANY = ROOT / "tests" / "data" / "kermany"
 SHIPPED = ROOT / "model_store" / "kermany-oct" / "1"  # the template of the fixture scorers' manifests
+SLOW_WORK = 1500  # 256² matrix products a batch of `slow_model`: about a second on one core of the development box
 sys.path.insert(0, str(ROOT))  # bench/
 from bench.null_scorer import build_null_store  # noqa: E402
 
@@ -138,3 +139,12 @@ def retina_model(tmp_path_factory: pytest.TempPathFactory) -> StoredModel:
     store = tmp_path_factory.mktemp("retina-store")
     build_null_store(SHIPPED, store, size=64, name="retina", region="retina")
     return StoredModel(store=store, name="retina", version=1)
+
+
+@pytest.fixture(scope="session")
+def slow_model(tmp_path_factory: pytest.TempPathFactory) -> StoredModel:
+    """`fixture_model` whose every batch takes about a second of CPU (matrix products), whatever its size: for tests
+    that need requests to wait for the model (a full queue, a drain under load)."""
+    store = tmp_path_factory.mktemp("slow-store")
+    build_null_store(SHIPPED, store, size=64, name="slow", work=SLOW_WORK)
+    return StoredModel(store=store, name="slow", version=1)

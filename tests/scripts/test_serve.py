@@ -13,18 +13,11 @@ from pathlib import Path
 import pytest
 
 from octcore.manifest import list_versions
+from service.launch import free_port
 from service.settings import SHIPPED_MODEL, SHIPPED_STORE
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_first_command_answers_a_real_scan_with_the_shipped_model(tmp_path: Path) -> None:

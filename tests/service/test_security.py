@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
                                                 ("[::1]", True), ("localhost", True), ("0.0.0.0", False),
                                                 ("::", False), ("10.1.2.3", False), ("scorer.example", False)])
 def test_is_loopback(host: str, loopback: bool) -> None:
-    assert is_loopback(host) is loopback
+    assert is_loopback(host) == loopback
 
 
 def test_refusal_needs_off_loopback_and_no_key() -> None:

@@ -32,11 +32,11 @@ async def fire(url: str, data: bytes, n: int, after_s: float = 0.0,
         return await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def test_overload_gives_503_at_once_and_the_service_recovers(start_service, scan_bytes: bytes) -> None:
-    # Batches wait 1.5 s to fill (12 < the batch size of 16), and only 3 requests may wait: a burst of 12 overflows
-    # the queue. Batch sizes stay small: the service warms every one before it is ready.
-    svc = start_service(OCT_MAX_QUEUE="3", OCT_MAX_BATCH_SIZE="16", OCT_MAX_BATCH_DELAY_MS="1500",
-                        OCT_RETRY_AFTER_S="2")
+def test_overload_gives_503_at_once_and_the_service_recovers(start_service, slow_model, scan_bytes: bytes) -> None:
+    # A batch of the slow scorer takes about a second and only 3 requests may wait meanwhile: a burst of 12
+    # overflows the queue.
+    svc = start_service(model=slow_model, OCT_MAX_QUEUE="3", OCT_MAX_BATCH_SIZE="16", OCT_RETRY_AFTER_S="2",
+                        OCT_WARMUP="false")
     done: list[tuple[float, int]] = []
     results = asyncio.run(fire(svc.url, scan_bytes, 12, done=done))
     codes = sorted(r.status_code for r in results if isinstance(r, httpx.Response))
@@ -45,7 +45,7 @@ def test_overload_gives_503_at_once_and_the_service_recovers(start_service, scan
     assert refused.headers["retry-after"] == "2"
     assert refused.headers["content-type"] == "application/problem+json"
     assert refused.json()["type"].endswith(":overloaded")
-    # Refused at once: every 503 completed before any 200 (those wait for the 1.5 s batch window).
+    # Refused at once: every 503 completed before any 200 (those wait for the slow batches).
     order = [results[i].status_code for _, i in sorted(done)]
     assert order == sorted(order, reverse=True), order
     assert httpx.get(f"{svc.url}/readyz").status_code == 200
@@ -53,9 +53,9 @@ def test_overload_gives_503_at_once_and_the_service_recovers(start_service, scan
     assert r.status_code == 200
 
 
-def test_sigterm_under_load_answers_every_accepted_request(start_service, scan_bytes: bytes) -> None:
-    # A 1 s batch window keeps the accepted requests queued when SIGTERM arrives (16 < the batch size of 24).
-    svc = start_service(OCT_MAX_BATCH_SIZE="24", OCT_MAX_BATCH_DELAY_MS="1000")
+def test_sigterm_under_load_answers_every_accepted_request(start_service, slow_model, scan_bytes: bytes) -> None:
+    # The slow scorer's first batch (about a second) keeps the accepted requests waiting when SIGTERM arrives.
+    svc = start_service(model=slow_model, OCT_MAX_BATCH_SIZE="24", OCT_WARMUP="false")
     sent_at: list[float] = []
 
     def terminate() -> None:

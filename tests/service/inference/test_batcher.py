@@ -160,7 +160,8 @@ def test_a_client_that_gave_up_is_skipped() -> None:
         assert await asyncio.get_running_loop().run_in_executor(None, fn.entered.wait, 30)  # in the gated call
         gone = asyncio.ensure_future(b.submit(item(2)))
         kept = asyncio.ensure_future(b.submit(item(3)))
-        await asyncio.sleep(0.01)
+        await settle()
+        assert b.depth == 2  # both queued behind the gated batch
         gone.cancel()
         fn.gate.set()
         assert (await first)[0] == 2.0 and (await kept)[0] == 6.0
