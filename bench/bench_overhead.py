@@ -2,6 +2,7 @@
 
     python bench/bench_overhead.py --model_dir model_store/kermany-oct/1 [--workers 1,2] [--seconds 8]
     python bench/bench_overhead.py --model_dir model_store/kermany-oct/1 --real    # the whole cost, real model
+    python bench/bench_overhead.py --model_dir model_store/kermany-oct/1 --region retina   # a model of the band
 
 The scorer is `bench/null_scorer.py` built from `--model_dir`'s manifest (the same maps and scores, at `--size`²),
 so what is measured is decoding, preprocessing, batching, heatmaps, HTTP and JSON. For JPEG, PNG and DICOM uploads
@@ -180,6 +181,8 @@ def main() -> None:
     p.add_argument("--model_dir", type=Path, required=True, help="a real export <store>/<name>/<version> (template)")
     p.add_argument("--image", type=Path, default=None, help="the B-scan (default: a test Kermany CNV scan)")
     p.add_argument("--size", type=int, default=256, help="the null scorer's input and map size")
+    p.add_argument("--region", choices=["scan", "retina"], default=None,
+                   help="the null scorer's input region (default: --model_dir's): `retina` adds finding the retina")
     p.add_argument("--real", action="store_true",
                    help="serve --model_dir itself instead of the null scorer: the whole cost of a real request")
     p.add_argument("--seconds", type=float, default=8.0, help="measured seconds per row")
@@ -204,10 +207,12 @@ def main() -> None:
     if args.real:
         store, name = args.model_dir.parent.parent, args.model_dir.parent.name
     else:
-        store = build_null_store(args.model_dir, Path(tempfile.mkdtemp(prefix="bench-overhead-")), args.size)
+        store = build_null_store(args.model_dir, Path(tempfile.mkdtemp(prefix="bench-overhead-")), args.size,
+                                 region=args.region)
         store, name = store.parent.parent, "null"
     files = uploads(image)
-    scorer = f"real scorer {args.model_dir}" if args.real else f"null scorer from {args.model_dir} at {args.size}²"
+    scorer = (f"real scorer {args.model_dir}" if args.real else
+              f"null scorer from {args.model_dir} at {args.size}², region {args.region or 'as the template'}")
     print(f"{scorer}  image {image.name}  device {args.device}  "
           f"cpus {os.cpu_count()}  load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}  "
           f"concurrency {args.concurrency}  {args.seconds:.0f} s per row  load generator {args.loadgen}  "
