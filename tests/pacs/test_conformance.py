@@ -1,6 +1,7 @@
 """DICOM conformance checked by dciodvfy (Debian's dicom3tools, installed by scripts/test.sh): the OCT fixture is a
-conformant Ophthalmic Tomography Image, and the SR and Secondary Capture the live service builds from it, and from
-every source of the malformed-attribute corpus (tests/pacs/malformed.py), have no error."""
+conformant Ophthalmic Tomography Image, and the SR and Secondary Capture the live service builds from it, from every
+source of the malformed-attribute corpus (tests/pacs/malformed.py), and from a volume whose one frame a model of the
+retina band refused, have no error."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import subprocess
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
-from live import Service
+from live import Service, running
 from malformed import CASES, malformed_dataset
 from oct_dicom import conformant_oct, phantom_frames, to_bytes
+from PIL import Image
 
 from service.multipart import build_related
 
@@ -86,3 +89,13 @@ def test_a_source_with_malformed_attributes_is_scored_and_its_results_have_no_er
             assert keyword in said["left_out"], (keyword, said)
         else:
             assert keyword not in said["left_out"], (keyword, said)
+
+
+def test_results_of_a_partly_refused_volume_have_no_error(retina_model, tmp_path: Path) -> None:
+    kermany = Path(__file__).resolve().parents[1] / "data" / "kermany"
+    real = [np.asarray(Image.open(kermany / f).convert("L")) for f in ("NORMAL-1017237-1.jpeg", "CNV-103044-2.jpeg")]
+    noise = np.random.default_rng(4).integers(0, 256, real[0].shape, dtype=np.uint8)
+    ds = conformant_oct(np.stack([real[0], noise, real[1]]))
+    with running(retina_model, tmp_path) as service:
+        record = stow_and_check(service, tmp_path, to_bytes(ds), ds.SOPInstanceUID)
+    assert record["result"]["frames_scored"] == 2 and "refused" in record["result"]["frames"][1]
