@@ -165,16 +165,20 @@ def _brightest_path(score: np.ndarray, max_step: int = MAX_STEP) -> np.ndarray:
     between neighbouring columns (dynamic programming, as layer segmentations in OCT do): one bright column (a
     vessel wall, a floater) cannot pull it off the layer, as a per-column maximum would."""
     rows, n = score.shape
-    steps = range(-max_step, max_step + 1)
+    penalty = STEP_PENALTY * np.abs(np.arange(-max_step, max_step + 1), dtype=np.float64)
     acc = score[:, 0].astype(np.float64)
     back = np.zeros((rows, n), np.int8)
     padded = np.full(rows + 2 * max_step, -np.inf)
+    # cand[r, k]: arriving at row r from row r + k - max_step; a view of `padded`, so each column costs a few whole-
+    # array operations (the per-column loop is most of finding a retina, and it runs on every scan served).
+    window = np.lib.stride_tricks.sliding_window_view(padded, 2 * max_step + 1)
+    cand = np.empty(window.shape)
+    at = np.arange(rows)
     for j in range(1, n):
         padded[max_step:max_step + rows] = acc
-        # cand[k, r]: arriving at row r from row r + step k
-        cand = np.stack([padded[max_step + d:max_step + d + rows] - STEP_PENALTY * abs(d) for d in steps])
-        k = cand.argmax(axis=0)
-        acc = cand[k, np.arange(rows)] + score[:, j]
+        np.subtract(window, penalty, out=cand)
+        k = cand.argmax(axis=1)
+        acc = cand[at, k] + score[:, j]
         back[:, j] = k - max_step
     path = np.empty(n, np.int64)
     path[-1] = int(acc.argmax())
