@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 from real_protocol import fold as fold_of  # noqa: E402
 from real_protocol import role  # noqa: E402
 
-from octcore.manifest import Manifest, load_scorer  # noqa: E402
+from octcore.manifest import Calibration, Manifest, load_scorer, volume_statistic  # noqa: E402
 from octcore.preprocess import NoRetinaError, fill_border_padding, preprocess_gray  # noqa: E402
 from octcore.retina import find_retina  # noqa: E402
 from octcore.scanmap import unflatten  # noqa: E402
@@ -71,8 +71,13 @@ SERVED = "served"
 TRAIN_ARGS = ("--n_hiddens 64 --n_residual_hiddens 32 --n_residual_layers 2 --embedding_dim 32 --n_embeddings 64 "
               "--learning_rate 2e-3 --input_region retina")
 PRIOR_ARGS = "--n_layers 8 --n_channels 32 --learning_rate 2e-3"
-EXPORT_ARGS = "--threshold_percentile 95 --volume_percentile 95 --primary_score nll"
+EXPORT_ARGS = "--threshold_percentile 95 --volume_percentile 95 --volume_window 3 --primary_score nll"
 BOOTSTRAP = 2000
+# Simulated volumes (the data set has B-scans only): this many B-scans a volume, lesions this many B-scans long, and
+# the volume windows the selection folds compare.
+VOLUME_FRAMES = (32, 128)
+LESION_FRAMES = (1, 3)
+WINDOWS = (1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -249,6 +254,44 @@ def bootstrap(s: Scored, threshold: float, reps: int, seed: int) -> dict[str, tu
             else (float("nan"), float("nan")) for k, v in draws.items()}
 
 
+def volumes(s: Scored, cal: Calibration, reps: int = 1000, seed: int = 0) -> dict[str, float]:
+    """The volume decision (`Calibration.volume_threshold`, `volume_statistic`, as the service applies them) on
+    simulated volumes: B-scans of one protocol (drawn as the normal scans' widths are) drawn independently from the
+    normal scans' scores, and the same with k adjacent B-scans of one disease's scores in place of k of them. Real
+    B-scans of one eye are not independent, so this says how the rule behaves, not what a real volume scores."""
+    rng = np.random.default_rng(seed)
+    score = s.scores[SERVED]
+    ok = np.isfinite(score)  # a refused B-scan is left out of a volume
+    pools: dict[str, list[float]] = defaultdict(list)
+    for x, v, good in zip(s.scans, score, ok, strict=True):
+        if x.normal and good:
+            pools[x.protocol].append(float(v))
+    widths = sorted(pools)
+    weight = np.array([len(pools[w]) for w in widths], float)
+    lesions = {c: score[ok & np.array([x.cls == c for x in s.scans])] for c in CLASSES[1:]}
+
+    def normal_volume(n: int) -> np.ndarray:
+        return rng.choice(pools[widths[rng.choice(len(widths), p=weight / weight.sum())]], n)
+
+    def flagged(v: np.ndarray) -> bool:
+        return volume_statistic(v.tolist(), cal.volume_window)[0] > cal.volume_threshold(v.size)
+
+    out: dict[str, float] = {}
+    for n in VOLUME_FRAMES:
+        out[f"{n} B-scans: normal volumes flagged"] = float(np.mean([flagged(normal_volume(n)) for _ in range(reps)]))
+        for k in LESION_FRAMES:
+            for c, pool in lesions.items():
+                if pool.size:
+                    hits = []
+                    for _ in range(reps):
+                        v = normal_volume(n)
+                        at = int(rng.integers(0, n - k + 1))
+                        v[at:at + k] = rng.choice(pool, k)
+                        hits.append(flagged(v))
+                    out[f"{n} B-scans: {k} adjacent {c} flagged"] = float(np.mean(hits))
+    return out
+
+
 def retina_mass(version_dir: Path, scans: list[Scan]) -> tuple[float, float, int]:
     """On these (abnormal) scans: the mean share of the overlay map's mass that lies inside the retina (from the
     ILM to 16 rows under the line under the RPE, `octcore.retina`), and the share of scans whose map peaks there.
@@ -303,6 +346,8 @@ def run_fold(work: Path, train_normal: list[Scan], test: list[Scan], args: argpa
               "decision": decision(s, cal.threshold)}
     if cal.tail is not None:  # the same fit at other percentiles: what export's --threshold_percentile would give
         result["operating_points"] = {f"{q:g}": decision(s, cal.tail.quantile(q / 100)) for q in args.percentiles}
+    # The volume rule at other windows: what export's --volume_window would give.
+    result["volumes"] = {f"window {w}": volumes(s, cal.model_copy(update={"volume_window": w})) for w in WINDOWS}
     return result
 
 
@@ -350,6 +395,13 @@ def print_selection(results: list[dict]) -> None:
     print(f"{'':<26}" + "".join(f"{q:>10}" for q in ops))
     for k in keys:
         print(f"{k:<26}" + "".join(f"{np.nanmean([d[k] for d in v]):>10.3f}" for v in ops.values()))
+    if all("volumes" in r for r in results):
+        vols = {w: [r["volumes"][w] for r in results] for w in results[0]["volumes"]}
+        print("\nselection: simulated volumes (independent B-scans of one protocol; a lesion: k adjacent B-scans of "
+              "one disease), share flagged, mean over folds (columns: export's --volume_window)")
+        print(f"{'':<36}" + "".join(f"{w:>10}" for w in vols))
+        for k in next(iter(vols.values()))[0]:
+            print(f"{k:<36}" + "".join(f"{np.nanmean([d.get(k, np.nan) for d in v]):>10.3f}" for v in vols.values()))
 
 
 def report(version_dir: Path, pool: list[Scan], work: Path, args: argparse.Namespace) -> dict:
@@ -361,12 +413,13 @@ def report(version_dir: Path, pool: list[Scan], work: Path, args: argparse.Names
     point = {"auroc": aurocs(s), "decision": decision(s, cal.threshold)}
     ci = bootstrap(s, cal.threshold, args.bootstrap, args.seed)
     share, peak, n_mass = retina_mass(version_dir, [x for x in test if not x.normal])
+    vols = volumes(s, cal, seed=args.seed)
     out = {"model": f"{s.manifest.name}/{s.manifest.version}", "primary_score": s.manifest.primary_score,
            "threshold": cal.threshold, "threshold_percentile": cal.threshold_percentile,
            "n": {c: sum(x.cls == c for x in test) for c in CLASSES}, "refused": int(s.refused.sum()),
            "patients": {c: len({x.patient for x in test if x.cls == c}) for c in CLASSES},
            "point": point, "ci": ci, "map_mass_in_retina": share, "map_peak_in_retina": peak,
-           "map_scans": n_mass}
+           "map_scans": n_mass, "volumes": vols, "volume_window": cal.volume_window}
     print(f"\nreport split ({out['model']}, served {out['primary_score']}; used for no choice): "
           + ", ".join(f"{c} {out['n'][c]} scans / {out['patients'][c]} patients" for c in CLASSES)
           + f"; {out['refused']} refused (no retina)")
@@ -383,6 +436,10 @@ def report(version_dir: Path, pool: list[Scan], work: Path, args: argparse.Names
         print(f"{k:<28}{v:>8.3f}   {lo:.3f}–{hi:.3f}" + (f"   ({n} scans)" if n != "" else ""))
     print(f"\nserved heatmap on {n_mass} abnormal scans: {share:.1%} of its mass inside the retina (ILM to 16 rows "
           f"under the RPE's reference line); its peak inside on {peak:.0%}")
+    print(f"\nsimulated volumes (volume window {cal.volume_window}; independent B-scans of one protocol, a lesion: k "
+          "adjacent B-scans of one disease): share flagged")
+    for k, v in vols.items():
+        print(f"{k:<36}{v:>8.3f}")
     print("\n" + report_markdown(out))
     return out
 
