@@ -1,5 +1,6 @@
 """The shipped real-scan model (model_store/kermany-oct/): valid, verified store entries with their cards, served as
-they are. Version 2 (the retina band, every protocol) is the newest and the default; version 1 stays unchanged."""
+they are. Version 3 (the retina band, every protocol; version 2's weights with a volume rule of 3 adjacent B-scans)
+is the newest and the default; versions 1 and 2 stay unchanged."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from octcore.manifest import list_versions, load_scorer, resolve_version_dir
+from octcore.manifest import list_versions, load_scorer, resolve_version_dir, volume_statistic
 from octcore.preprocess import preprocess
 
 ROOT = Path(__file__).resolve().parents[2]
 STORE, NAME = ROOT / "model_store", "kermany-oct"
 DATA = ROOT / "tests" / "data"
-# Version 1 as it shipped: its weights must never change under its number (versions are immutable).
+# Versions as they shipped: their weights must never change under their number (versions are immutable).
 V1_SHA256 = "60eda35afaa825559405a1aeb296825f1a25f9b5500faa2aea29799cd9763526"
+V2_SHA256 = "4996bcf1421775ac76bcc0e1616f6de157d8ba00cb51ba04bc2a95ae695bae35"
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +37,12 @@ def score(shipped, image: Image.Image) -> float:
 def test_the_newest_version_is_the_retina_band_model_with_its_card(shipped) -> None:
     manifest, _ = shipped
     version_dir = resolve_version_dir(STORE, NAME)
-    assert list_versions(STORE, NAME) == [1, 2] and manifest.version == 2
+    assert list_versions(STORE, NAME) == [1, 2, 3] and manifest.version == 3
     assert (version_dir / "model.pt").stat().st_size < 20e6
     assert manifest.preprocessing.region == "retina" and manifest.primary_score == "nll"
     assert manifest.overlay() == "nll" and manifest.scores["nll"].map == "nll_map"
     cal = manifest.calibration[manifest.primary_score]
-    assert cal.tail is not None and cal.threshold_percentile == 95 and cal.volume_threshold(49) > cal.threshold
+    assert cal.tail is not None and cal.threshold_percentile == 95 and cal.volume_window == 3
     card = (version_dir / "MODEL_CARD.md").read_text()  # beside the weights it describes
     for needed in ("CC BY 4.0", "bench/bench_real.py", "normal_train", "768", "1536", "bootstrap", manifest.sha256):
         assert needed in card, needed
@@ -48,11 +50,27 @@ def test_the_newest_version_is_the_retina_band_model_with_its_card(shipped) -> N
     assert '"/' not in (version_dir / "manifest.json").read_text()
 
 
-def test_version_1_is_kept_unchanged() -> None:
+def test_versions_1_and_2_are_kept_unchanged() -> None:
     manifest, _ = load_scorer(STORE / NAME / "1", "cpu")
     assert manifest.sha256 == V1_SHA256 and manifest.preprocessing.region == "scan"
     assert json.loads((STORE / NAME / "1" / "manifest.json").read_text())["format_version"] == 2
-    assert (STORE / NAME / "1" / "MODEL_CARD.md").is_file()
+    v2, _ = load_scorer(STORE / NAME / "2", "cpu")
+    assert v2.sha256 == V2_SHA256 and v2.calibration[v2.primary_score].volume_window == 1
+    for v in ("1", "2"):
+        assert (STORE / NAME / v / "MODEL_CARD.md").is_file()
+
+
+def test_version_3_is_version_2_with_another_volume_rule(shipped) -> None:
+    """The same B-scan scores and thresholds: only the volume window differs, so version 2's report numbers hold."""
+    manifest, scorer = shipped
+    v2, v2_scorer = load_scorer(STORE / NAME / "2", "cpu")
+    for k, cal in manifest.calibration.items():
+        assert cal.model_copy(update={"volume_window": 1}) == v2.calibration[k]
+    x = torch.from_numpy(preprocess(Image.open(DATA / "kermany" / "DME-30521-11.jpeg"),
+                                    manifest.preprocessing_config()))[None, None]
+    with torch.no_grad():
+        a, b = scorer(x), v2_scorer(x)
+    assert all(torch.equal(a[k], b[k]) for k in manifest.scores)
 
 
 @pytest.mark.parametrize("name", ["CNV-154835-1.jpeg", "DME-1102486-1.jpeg", "DME-30521-11.jpeg"])
@@ -72,3 +90,20 @@ def test_a_normal_scan_stays_normal_at_512_and_1024_columns(shipped, name: str) 
     wide = image.resize((1024, 496), Image.Resampling.BICUBIC)
     for s in (score(shipped, image), score(shipped, wide)):
         assert cal.percentile_of(s) < 50
+
+
+def test_a_volume_is_flagged_by_two_adjacent_lesion_frames_and_not_by_normal_ones(shipped) -> None:
+    """The volume rule as the service applies it (`octcore.manifest`): the 32 NORMAL samples of one protocol (512 ×
+    496) as one volume stay clear; the same with two obvious CNV B-scans (large fluid pockets; cysts over a PED) in
+    place of two normal ones is flagged. Version 2's rule (the most anomalous B-scan, against the fit's threshold for
+    the maximum of 32: 1.33) missed them (1.13 and 0.90)."""
+    manifest, _ = shipped
+    cal = manifest.calibration[manifest.primary_score]
+    samples = ROOT / "samples" / "kermany"
+    normal = [p for p in sorted((samples / "NORMAL").glob("*.jpeg")) if Image.open(p).size == (512, 496)]
+    assert len(normal) == 32
+    scores = [score(shipped, Image.open(p)) for p in normal]
+    lesion = [score(shipped, Image.open(samples / "CNV" / f"CNV-{n}.jpeg")) for n in ("1188386-2", "103044-1")]
+    threshold = cal.volume_threshold(len(scores))
+    assert volume_statistic(scores, cal.volume_window)[0] <= threshold
+    assert volume_statistic(scores[2:] + lesion, cal.volume_window)[0] > threshold
