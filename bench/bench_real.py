@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from real_protocol import fold as fold_of  # noqa: E402
-from real_protocol import role  # noqa: E402
+from real_protocol import pool_names, role  # noqa: E402
 
 from octcore.manifest import Calibration, Manifest, load_scorer, volume_statistic  # noqa: E402
 from octcore.preprocess import NoRetinaError, fill_border_padding, preprocess_gray  # noqa: E402
@@ -102,24 +102,19 @@ class Scan:
 
 
 def pool_samples(folders: list[Path]) -> list[Scan]:
-    """Every scan of every folder, each content once (md5). A name already taken by other content gets a suffix
-    before its extension, so the laid-out tree keeps both."""
-    seen: set[str] = set()
-    names: set[str] = set()
-    pooled: list[Scan] = []
+    """Every scan of every folder, each content once (md5), named as `real_protocol.pool_names` names them."""
+    files = {}
+    entries = []
     for folder in folders:
         for cls in CLASSES:
             for f in list_images(folder.parent, folder.name, cls):
                 digest = hashlib.md5(f.read_bytes()).hexdigest()
-                if digest in seen:
-                    continue
-                seen.add(digest)
-                name = f.name
-                while name in names:
-                    name = f"{Path(name).stem}b{f.suffix}"
-                names.add(name)
-                with Image.open(f) as im:
-                    pooled.append(Scan(name, f, cls, im.width, im.height))
+                files.setdefault(digest, f)
+                entries.append((cls, f.name, digest))
+    pooled: list[Scan] = []
+    for cls, name, digest in pool_names(entries):
+        with Image.open(files[digest]) as im:
+            pooled.append(Scan(name, files[digest], cls, im.width, im.height))
     return pooled
 
 

@@ -15,6 +15,7 @@ Every abnormal scan stays out of training; half of the abnormal patients report,
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -56,3 +57,21 @@ def fold(name: str, k: int) -> int:
     if numbered:
         return (int(numbered.group(1)) // BLOCK) % k
     return _hash("fold:" + patient_of(Path(name))) % k
+
+
+def pool_names(entries: Iterable[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """(class, file name, md5) of scans in pooling order → (class, name in the pool, md5) of each content once: a
+    name already taken by other content gets a `b` before its extension (the data set reuses names), so a pooled
+    tree keeps both. `bench_real.py` pools folders so; a shipped manifest's data list uses these names."""
+    seen: set[str] = set()
+    taken: set[str] = set()
+    out = []
+    for cls, name, digest in entries:
+        if digest in seen:
+            continue
+        seen.add(digest)
+        while name in taken:
+            name = f"{Path(name).stem}b{Path(name).suffix}"
+        taken.add(name)
+        out.append((cls, name, digest))
+    return out
