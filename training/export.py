@@ -19,7 +19,6 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -44,6 +43,7 @@ from training.errors import TrainingError, run_main
 from training.evaluate import ScoredSet, calibrate, score_files, separation
 from training.model import VQVAE
 from training.prior import GatedPixelCNN, find_prior_checkpoint, load_prior_checkpoint
+from training.provenance import code_version, command_line, data_list, portable
 from training.scorer import (
     ALM_TOP_FRACTION,
     COMBINED_TERM,
@@ -175,7 +175,7 @@ def prior_summary(scorer: Scorer | PriorScorer, ckpt: dict) -> dict | None:
             "position_nll": {k: v for k, v in pckpt["position_nll"].items() if k != "percentiles"},
             "nll_top_fraction": scorer.nll_top_fraction, "restore_samples": scorer.restore_samples,
             "restore_max_positions": scorer.restore_max_positions,
-            "combined_of": with_role(COMBINED_TERM)}
+            "combined_of": with_role(COMBINED_TERM), "commands": pckpt["train_config"].get("commands", [])}
 
 
 def fit_normal_statistics(scorer: Scorer | PriorScorer, ckpt: dict, oct_root: Path, prep: Preprocessing,
@@ -286,6 +286,7 @@ def auroc_standard_error(auroc: float, n_normal: int, n_abnormal: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command = command_line("training.export", argv)
     return run_main(lambda: export(args))
 
 
@@ -370,7 +371,7 @@ def export(args: argparse.Namespace) -> Path:
             input=InputSpec(size=prep.size), preprocessing=prep.to_dict(), maps=maps, scores=specs,
             primary_score=primary, overlay_score=default_overlay(primary, specs, with_role(OVERLAY)),
             calibration=calibration,
-            training=training_summary(ckpt, ckpt_path) | ({"prior": prior} if prior else {}),
+            training=training_summary(ckpt, ckpt_path, oct_root, args.command) | ({"prior": prior} if prior else {}),
             evaluation={"held_out": evaluation, "held_out_evidence": evidence,
                         "primary_score_rule": f"highest held-out AUROC; {PREFERRED_SCORE} when within one standard "
                         "error (Hanley-McNeil) of it" if args.primary_score is None else "given by --primary_score",
@@ -392,23 +393,17 @@ def export(args: argparse.Namespace) -> Path:
     return final
 
 
-def training_summary(ckpt: dict, ckpt_path: Path) -> dict:
+def training_summary(ckpt: dict, ckpt_path: Path, oct_root: Path, export_command: str) -> dict:
+    """The run and how to make it again: the commands (training.train's and export's), the code's commit and the
+    scans it trained and calibrated on (`training.provenance`); no folder of this machine."""
     state = ckpt["state"]
     return {"checkpoint": ckpt_path.name, "config": portable(ckpt["train_config"]),
             "model_config": ckpt["model_config"], "epoch": state["epoch"], "best_epoch": state["best_epoch"],
-            "best_val_loss": state["best_val"], "final_metrics": (state["history"] or [{}])[-1]}
-
-
-def portable(value: Any) -> Any:
-    """`value` with every absolute path in it cut to its last part: a model travels to other machines, and the
-    folders of the one it was built on say nothing there (and may say too much)."""
-    if isinstance(value, dict):
-        return {k: portable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [portable(v) for v in value]
-    if (isinstance(value, str) and value.startswith(("/", "~"))) or (isinstance(value, str) and value[1:3] == ":\\"):
-        return Path(value).name
-    return value
+            "best_val_loss": state["best_val"], "final_metrics": (state["history"] or [{}])[-1],
+            "reproduce": {"code": code_version(), "commands": [*ckpt["train_config"].get("commands", []),
+                                                               export_command],
+                          "data": data_list(oct_root, {"train": ckpt["train_files"],
+                                                       "validation": ckpt["val_files"]})}}
 
 
 if __name__ == "__main__":

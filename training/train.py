@@ -44,6 +44,7 @@ from training.device import pick_device
 from training.errors import TrainingError, run_main
 from training.model import VQVAE, VQVAEConfig
 from training.plots import plot_loss_curves
+from training.provenance import command_line
 
 
 def str2bool(v: str) -> bool:
@@ -179,6 +180,7 @@ def save_latents(model: VQVAE, splits: dict[str, list[Path]], cfg: Preprocessing
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.commands = [command_line("training.train", argv)]  # recorded in the checkpoint (and export's manifest)
 
     def run() -> None:
         validate_args(args)
@@ -198,6 +200,7 @@ def train(args: argparse.Namespace, device: torch.device) -> VQVAE:
     resume = load_checkpoint(args.resume) if args.resume else None
     if resume is not None:  # the run's own settings win over the command line, except the epoch budget
         saved = resume["train_config"]
+        args.commands = saved.get("commands", []) + args.commands
         for k in ("data_root", "image_size", "seed", "val_fraction", "n_hiddens", "n_residual_hiddens",
                   "n_residual_layers", "embedding_dim", "n_embeddings", "beta", "dropout", "ema_decay",
                   "dead_code_steps"):

@@ -30,6 +30,7 @@ from training.device import pick_device
 from training.errors import TrainingError, run_main
 from training.export import resolve_checkpoint
 from training.prior import PRIOR_DIR, GatedPixelCNN, PriorConfig, codebook_fingerprint
+from training.provenance import command_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +116,7 @@ def position_nlls(prior: GatedPixelCNN, codes: torch.Tensor, batch_size: int, de
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.commands = [command_line("training.train_prior", argv)]  # recorded in the checkpoint (and the manifest)
 
     def run() -> None:
         validate_args(args)

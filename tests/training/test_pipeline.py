@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -50,6 +51,23 @@ def test_manifest_contract(tiny_model) -> None:
     assert man["training"]["config"]["epochs"] == 10
     assert set(man["evaluation"]["held_out"]) == set(man["scores"])
     assert "abnormal training scans" in man["evaluation"]["held_out_evidence"]  # the phantom ships some
+
+
+def test_manifest_says_how_to_make_the_model_again_and_names_no_folder_of_this_machine(tiny_model) -> None:
+    text = (tiny_model.version_dir / "manifest.json").read_text()
+    assert str(tiny_model.data_root) not in text and '"/' not in text
+    how = json.loads(text)["training"]["reproduce"]
+    train_cmd, export_cmd = how["commands"]
+    assert train_cmd.startswith("python -m training.train --data_root data --output_dir runs ")
+    assert export_cmd.startswith("python -m training.export --model_dir best-epoch=")
+    code = how["code"]  # this checkout's commit (a source tree without git records none)
+    assert code is None or len(code["commit"]) == 40
+    ckpt = load_checkpoint(tiny_model.ckpt)
+    data = how["data"]
+    assert data["train"] == sorted(ckpt["train_files"]) and data["validation"] == sorted(ckpt["val_files"])
+    listing = subprocess.run(["md5sum", *sorted(data["train"] + data["validation"])], capture_output=True, text=True,
+                             cwd=tiny_model.data_root / "OCT2017", check=True).stdout
+    assert hashlib.sha256(listing.encode()).hexdigest() == data["md5sum_sha256"]  # what `md5sum` gives a user
 
 
 def test_scorer_loads_without_training_and_matches_eager(tiny_model) -> None:
@@ -101,7 +119,10 @@ def test_resume_continues_the_same_run(tiny_model, tmp_path: Path) -> None:
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resuming" in proc.stdout
-    assert load_checkpoint(run / "last.ckpt")["state"]["epoch"] == 11
+    resumed = load_checkpoint(run / "last.ckpt")
+    assert resumed["state"]["epoch"] == 11
+    # the command that started the run, then the resume's own
+    assert [c.split()[3] for c in resumed["train_config"]["commands"]] == ["--data_root", "--resume"]
     assert len((run / "metrics.csv").read_text().splitlines()) == 1 + 11
 
 
