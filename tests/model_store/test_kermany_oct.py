@@ -4,7 +4,9 @@ is the newest and the default; versions 1 and 2 stay unchanged."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,9 @@ from PIL import Image
 
 from octcore.manifest import list_versions, load_scorer, resolve_version_dir, volume_statistic
 from octcore.preprocess import preprocess
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from real_protocol import pool_names
 
 ROOT = Path(__file__).resolve().parents[2]
 STORE, NAME = ROOT / "model_store", "kermany-oct"
@@ -107,3 +112,35 @@ def test_a_volume_is_flagged_by_two_adjacent_lesion_frames_and_not_by_normal_one
     threshold = cal.volume_threshold(len(scores))
     assert volume_statistic(scores, cal.volume_window)[0] <= threshold
     assert volume_statistic(scores[2:] + lesion, cal.volume_window)[0] > threshold
+
+
+@pytest.mark.parametrize("version", ["1", "2", "3"])
+def test_a_shipped_manifest_names_no_folder_of_the_build_machine_and_says_how_to_rebuild_it(version: str) -> None:
+    text = (STORE / NAME / version / "manifest.json").read_text()
+    assert '"/' not in text and "/work/" not in text and "/tmp/" not in text
+    how = json.loads(text)["training"]["reproduce"]
+    assert how["commands"] and all(c.startswith("python ") for c in how["commands"])
+    assert how["data"]
+
+
+@pytest.mark.parametrize("version", ["2", "3"])
+def test_the_scans_a_shipped_model_learnt_from_are_the_ones_the_repository_lists(version: str) -> None:
+    """Every training and calibration scan of versions 2 and 3 is in samples/kermany/ or listed with its md5 in a
+    samples/*/SOURCES.tsv, and those md5s give the manifest's digest of its data: anyone can check a copy."""
+    manifest = json.loads((STORE / NAME / version / "manifest.json").read_text())
+    how = manifest["training"]["reproduce"]
+    assert how["code"]["commit"] and how["commands"][0].startswith("python -m training.train ")
+    data = how["data"]
+    assert (len(data["train"]), len(data["validation"])) == (1354, 189)  # the card's 1,543 selection scans
+    # The scans in the order the shipped command pooled them (samples/kermany, kermany-more, kermany-c8), named as
+    # the pool names them (bench/real_protocol.py).
+    samples = ROOT / "samples"
+    entries = [(p.parent.name, p.name, hashlib.md5(p.read_bytes()).hexdigest())
+               for p in sorted((samples / "kermany").glob("*/*.jp*g"))]
+    for folder in ("kermany-more", "kermany-c8"):
+        rows = [line.split("\t") for line in (samples / folder / "SOURCES.tsv").read_text().splitlines()[1:]]
+        entries += [(cls, name, digest) for cls, name, digest, *_ in rows]
+    md5 = {f"{cls}/{name}": digest for cls, name, digest in pool_names(entries)}
+    names = sorted(data["train"] + data["validation"])
+    listing = "".join(f"{md5[n.split('/', 1)[1]]}  {n}\n" for n in names)  # n: train/NORMAL/<name>
+    assert hashlib.sha256(listing.encode()).hexdigest() == data["md5sum_sha256"]
