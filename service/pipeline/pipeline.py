@@ -81,8 +81,9 @@ class Pipeline:
         self.overlay = self.manifest.overlay()
         self.decider = Decider.for_model(self.manifest)
         self._anomalies = core.metrics.anomalies
-        # Finding the retina costs 15-30 ms of CPU a B-scan: never on the event loop, where it would hold up every
-        # other connection of the process; the whole scan's resize (a few ms) may run there (OCT_CPU_WORKERS=0).
+        # Finding the retina costs about 11 ms of CPU a 512-wide B-scan: never on the event loop, where it would hold
+        # up every other connection of the process; the whole scan's resize (a few ms) may run there
+        # (OCT_CPU_WORKERS=0).
         self._prepare_inline = self.cfg.region == "scan"
 
     @classmethod
